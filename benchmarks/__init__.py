@@ -1,0 +1,1 @@
+"""Studies and cost measurements: `python -m benchmarks.NAME [--quick] --out DIR`."""

@@ -1,0 +1,234 @@
+"""Tokens/s of the jitted SFT training step (AdamW), as the training loop runs it.
+
+    python -m benchmarks.train_throughput [--quick] [--sweep] --out DIR
+
+Writes DIR/train_throughput.json. For the tiny and small configs (small: vocab 8192, d 256,
+4 layers, 8/2 heads, batch 8 × 128, docs/PERFORMANCE.md) and fp32 / bf16 compute (fp32
+master weights), it times `jaxdefense.train.loop.make_step` — grads, AdamW update,
+non-finite flags, grad norm — jitted with donated params/opt state, and reports
+
+    tokens/s = batch · seq_len / median(step time)   (after warm-up)
+
+plus `value_and_grad` alone for reference. `--sweep` re-runs the small config in child
+processes under XLA_FLAGS variants (flags must be set before jax starts) and reports each
+as a ratio to the default flags measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BASELINES_TOK_S = {"prototype_fp32": 2330, "prototype_bf16": 3380, "pytorch_fp32": 3140, "goal": 3900}
+
+SHAPES = {"tiny": dict(batch=8, seq=64), "small": dict(batch=8, seq=128)}
+
+FLAG_VARIANTS = {
+    "default": "",
+    "no_multi_thread_eigen": "--xla_cpu_multi_thread_eigen=false",
+    "fast_math": "--xla_cpu_enable_fast_math=true",
+    "vector_width_512": "--xla_cpu_prefer_vector_width=512",
+    "xnnpack": "--xla_cpu_use_xnnpack=true",
+    "onednn": "--xla_cpu_use_onednn=true",
+    "no_thunk_runtime": "--xla_cpu_use_thunk_runtime=false",
+}
+
+
+def machine_info() -> dict:
+    try:
+        from benchmarks._common import machine_info as common_info  # shared helper, if present
+
+        return common_info()
+    except ImportError:
+        pass
+    import platform
+
+    import jax
+    import jaxlib
+    import numpy
+    import optax
+
+    cpu, flags = "", []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and not cpu:
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "avx512_bf16": "avx512_bf16" in flags,
+        "amx_bf16": "amx_bf16" in flags,
+        "load_average": os.getloadavg(),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "optax": optax.__version__,
+        "numpy": numpy.__version__,
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+    }
+
+
+def _batch(cfg, batch: int, seq: int):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, cfg.vocab_size, (batch, seq)).astype(np.int32)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids),
+            "loss_mask": np.ones(ids.shape, np.float32)}
+
+
+def _median_time(fn, warmup: int, repeats: int) -> dict:
+    """Seconds per call after `warmup` calls: median and min wall time, median process CPU
+    time (all threads; a contention-robust measure of work), and the first call (compile)."""
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        fn()
+    wall, cpu = [], []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return {"median": statistics.median(wall), "min": min(wall), "cpu": statistics.median(cpu), "first": first}
+
+
+def time_step(name: str, compute_dtype: str | None, repeats: int, warmup: int = 2) -> dict:
+    import jax
+    import optax
+
+    from jaxdefense.models import init_params, lm_loss, named_config
+    from jaxdefense.train.loop import make_step, sft_grad
+
+    cfg = named_config(name)
+    shape = SHAPES[name]
+    host = _batch(cfg, shape["batch"], shape["seq"])
+    batches = {"train": jax.device_put(host)}
+    optimizer = optax.adamw(1e-4)
+    step = jax.jit(make_step(sft_grad(cfg), optimizer, compute_dtype), donate_argnums=(0, 1))
+    state = {"params": init_params(cfg, jax.random.key(0))}
+    state["opt"] = optimizer.init(state["params"])
+    key = jax.random.key(0)
+    counter = [0]
+
+    def run_step():
+        out = step(state["params"], state["opt"], batches, key, counter[0])
+        counter[0] += 1
+        state["params"], state["opt"] = out[0], out[1]
+        jax.block_until_ready(out[2]["loss"])
+
+    t = _median_time(run_step, warmup, repeats)
+    tokens = shape["batch"] * shape["seq"]
+    row = {"config": name, "compute_dtype": compute_dtype or "float32", **shape,
+           "step_ms": 1e3 * t["median"], "tokens_per_s": tokens / t["median"],
+           "step_ms_min": 1e3 * t["min"], "tokens_per_s_best": tokens / t["min"],
+           "step_cpu_ms": 1e3 * t["cpu"], "first_call_s": t["first"], "load_average_1m": os.getloadavg()[0]}
+    if compute_dtype is None:
+        vg = jax.jit(jax.value_and_grad(lambda p, b: lm_loss(cfg, p, b)))
+        params = state["params"]
+        v = _median_time(lambda: jax.block_until_ready(vg(params, batches["train"])), warmup, repeats)
+        row["value_and_grad_ms"] = 1e3 * v["median"]
+        row["value_and_grad_cpu_ms"] = 1e3 * v["cpu"]
+        row["step_over_value_and_grad_cpu"] = t["cpu"] / v["cpu"]
+    return row
+
+
+def measure(configs, repeats: int) -> list[dict]:
+    rows = []
+    for name in configs:
+        for dtype in (None, "bfloat16"):
+            row = time_step(name, dtype, repeats)
+            print(f"  {name:5s} {row['compute_dtype']:8s} {row['step_ms']:8.1f} ms  "
+                  f"{row['tokens_per_s']:9.0f} tok/s (best {row['tokens_per_s_best']:.0f}; "
+                  f"cpu {row['step_cpu_ms']:.1f} ms; load {row['load_average_1m']:.1f})",
+                  file=sys.stderr, flush=True)
+            rows.append(row)
+    return rows
+
+
+def sweep(repeats: int) -> dict:
+    """Small-config step under each XLA_FLAGS variant, each in a fresh process."""
+    results = {}
+    base_flags = os.environ.get("XLA_FLAGS", "")
+    for label, flags in FLAG_VARIANTS.items():
+        env = {**os.environ, "XLA_FLAGS": f"{base_flags} {flags}".strip()}
+        cmd = [sys.executable, "-m", "benchmarks.train_throughput", "--child", "--configs", "small",
+               "--repeats", str(repeats)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
+            results[label] = {"flags": flags, "error": tail[:300]}
+            print(f"  sweep {label}: failed ({tail[:120]})", file=sys.stderr)
+            continue
+        rows = json.loads(proc.stdout.strip().splitlines()[-1])
+        results[label] = {"flags": flags, "rows": rows}
+        print(f"  sweep {label}: " + ", ".join(f"{r['compute_dtype']} {r['tokens_per_s']:.0f} tok/s "
+                                             f"cpu {r['step_cpu_ms']:.0f} ms" for r in rows),
+              file=sys.stderr, flush=True)
+    default = {r["compute_dtype"]: r for r in results.get("default", {}).get("rows", [])}
+    for res in results.values():
+        for r in res.get("rows", []):
+            if r["compute_dtype"] in default:
+                ref = default[r["compute_dtype"]]
+                r["speedup_wall"] = ref["step_ms"] / r["step_ms"]
+                r["speedup_cpu"] = ref["step_cpu_ms"] / r["step_cpu_ms"]
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, no sweep (< 2 min)")
+    parser.add_argument("--sweep", action="store_true", help="also time XLA_FLAGS variants")
+    parser.add_argument("--configs", default="tiny,small")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    configs = [c for c in args.configs.split(",") if c]
+    repeats = args.repeats or (5 if args.quick else 15)
+    if args.child:
+        print(json.dumps(measure(configs, repeats)))
+        return 0
+    info = machine_info()
+    print(f"train_throughput: {info.get('cpu', '')} ({info.get('cores')} cores), load {info.get('load_average')}",
+          file=sys.stderr)
+    rows = measure(configs, repeats)
+    result = {
+        "benchmark": "train_throughput",
+        "what": "jitted SFT step (grads + AdamW + non-finite flags), donated buffers, single device",
+        "tokens_per_step": "batch * seq",
+        "statistic": f"median of {repeats} steps after 2 warm-up steps (wall); min wall; median CPU time",
+        "note": "the 2-core machine is shared: compare step_cpu_ms and load_average_1m before wall figures",
+        "machine": info,
+        "baselines_tok_s": BASELINES_TOK_S,
+        "rows": rows,
+    }
+    small = {r["compute_dtype"]: r["tokens_per_s"] for r in rows if r["config"] == "small"}
+    if small:
+        result["small_vs_pytorch"] = {k: v / BASELINES_TOK_S["pytorch_fp32"] for k, v in small.items()}
+        result["small_meets_goal"] = {k: v >= BASELINES_TOK_S["goal"] for k, v in small.items()}
+    if args.sweep and not args.quick:
+        result["xla_flags_sweep"] = sweep(max(5, repeats // 2))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_throughput.json").write_text(json.dumps(result, indent=2))
+    print(f"wrote {out / 'train_throughput.json'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""SEAM — Self-Destructive Language Model (Wang, Zhu, Wang; arXiv 2505.12186).
+
+Seed equations (seeds 000/004):
+
+    L(θ)   = L_ul(θ) + α·L_up(θ) + β·L_sd(θ)
+    L_ul   = −E_{D_adv} ℓ(f_θ, y)                    unlearning (gradient ascent on harmful QA)
+    L_up   =  E_{D_aln} ℓ(f_θ, y)                    utility: harmful prompt → refusal
+    L_sd   = cos(g_a, g_b),  g_a = ∇E_{D_adv}ℓ,  g_b = ∇E_{D_bgn}ℓ
+    ∇̂L_sd = (1/ε)[(g_b(θ+ε(ḡ_a−cḡ_b)) − g_b)/‖g_b‖ + (g_a(θ+ε(ḡ_b−cḡ_a)) − g_a)/‖g_a‖]
+
+The returned update direction is ∇L_ul + α∇L_up + β·∇̂L_sd: a gradient estimate, not the
+gradient of a scalar. ∇̂L_sd comes from ``curvature.cosine_grad`` with estimator "forward"
+(the seed/official one-sided difference, 4 gradient evaluations), "central" (6) or "exact"
+(two forward-over-reverse HVPs, no ε).
+
+What the official code (ZJUWYH/seam ``src/core/trainer.py``, ``SeamTrainer``) does, and how
+this port follows it:
+- Streams: "adversarial" (harmful prompt + harmful answer), "alignment" (the *same* prompts +
+  refusals) and "benign" (benign instructions). The first two must be paired row by row and
+  padded to one length (``jaxdefense.data.pairs.paired_batches``).
+- Token mask: the positions where the harmful and refusal ``input_ids`` differ. The harmful
+  losses (L_ul, g_a) and L_up are masked CE over those positions (intersected with each
+  sequence's real tokens and ``loss_mask``). Official harmful sequences are
+  "Question: p\\nAnswer:\\n r" and refusal sequences are the bare refusal text, so there the
+  mask covers nearly every position; here both share the formatted prompt, so the mask is
+  the response positions that differ (the intended reading). Official ``masked_token_ce_loss``
+  also zeroes the logits at positions whose own mask bit is 0, which makes the first differing
+  target a constant log V; that quirk is not reproduced.
+- L_ul (from RepNoise): with logits of the final layer and logit-lens logits
+  lm_head(final_norm(h_i)) of every hidden state h_0..h_L (embedding output, each layer),
+      L_ul = −log(1 + (CE_final + Σ_i CE_lens(h_i)) / (L+1)),
+  i.e. the official sum over the final CE plus the L+1 hidden states, divided by the number
+  of hidden states. HF's last hidden state is already final-normed, so the official last
+  lens term normalises twice; ours is pre-norm (``forward(return_hidden=True)``), so its lens
+  term equals CE_final and is taken as such (one vocabulary projection fewer). The other lens
+  terms run one hidden state at a time under ``jax.checkpoint`` (memory of one [B,T,V] logits;
+  measured faster than a batched form on the small config). ``unlearning="log"`` drops the lens (−log(1+CE)); ``"ascent"`` is the
+  paper's plain −CE.
+- g_b: CE on the benign batch over *all* real tokens (official labels = input_ids with pads
+  at −100, so prompt tokens count); ``benign_full_sequence=False`` uses ``loss_mask`` instead.
+- The same batches are used at θ and at the perturbed points; no gradient clipping; the
+  logged loss is L_ul + α·L_up.
+
+Defaults are the official config (ε 1e-3, α 1, β 0.01; AdamW 2e-5 cosine, warm-up 0.1 lives
+in the training config). At small scale β = 0.01 is indistinguishable from β = 0 (pilot,
+docs/research/pilot-seam-tiny.md: ∇cos with norm 1–10 is swamped by the CE terms); use
+β ≥ 1 for the tiny/small models (configs/seam_tiny.yaml sets β = 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxdefense.curvature import cosine_grad, tree_norm, tree_vdot
+from jaxdefense.errors import ConfigError, DataError
+from jaxdefense.methods.base import Method, register_method
+from jaxdefense.models import forward
+from jaxdefense.models.decoder import logits_from_hidden, next_token_nll
+
+ESTIMATORS = ("forward", "central", "exact")
+UNLEARNING = ("logit_lens", "log", "ascent")
+PERTURB_DTYPES = (None, "float32", "float64")
+
+
+def differing_mask(adversarial: dict, alignment: dict) -> jnp.ndarray:
+    """float32 [B, T]: 1 where the paired harmful and refusal token ids differ."""
+    a, b = adversarial["input_ids"], alignment["input_ids"]
+    if a.shape != b.shape:
+        raise DataError(
+            f"SEAM streams 'adversarial' {tuple(a.shape)} and 'alignment' {tuple(b.shape)} must be "
+            "paired batches of one shape (use jaxdefense.data.pairs.paired_batches)"
+        )
+    return (a != b).astype(jnp.float32)
+
+
+def seam_loss_masks(adversarial: dict, alignment: dict) -> tuple[dict, dict]:
+    """The two batches with loss_mask = differing positions ∧ real token ∧ given loss_mask."""
+    diff = differing_mask(adversarial, alignment)
+
+    def restrict(batch):
+        mask = diff * batch["attention_mask"].astype(jnp.float32)
+        if "loss_mask" in batch:
+            mask = mask * batch["loss_mask"].astype(jnp.float32)
+        return {**batch, "loss_mask": mask}
+
+    return restrict(adversarial), restrict(alignment)
+
+
+def full_sequence_mask(batch: dict) -> dict:
+    """loss_mask over every real token that has a real predecessor (official benign CE)."""
+    real = batch["attention_mask"].astype(jnp.float32)
+    prev = jnp.pad(real[:, :-1], ((0, 0), (1, 0)))
+    return {**batch, "loss_mask": real * prev}
+
+
+def masked_ce(logits, input_ids, loss_mask):
+    """Σ_{b,t≥1} m[b,t]·(−log p(ids[b,t] | logits[b,t−1])) / max(Σ m, 1), in float32."""
+    nll, weights = next_token_nll(logits, input_ids, loss_mask)
+    return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def logit_lens(cfg, params, h):
+    """lm_head(final_norm(h)) in float32 for one hidden state h [B, T, D]."""
+    return logits_from_hidden(cfg, params, h)
+
+
+def unlearning_loss(cfg, params, batch, kind="logit_lens"):
+    """(L_ul, CE_final) on the masked harmful batch; see the module docstring for ``kind``."""
+    mask = batch["loss_mask"]
+    if kind != "logit_lens":
+        logits = forward(cfg, params, batch["input_ids"], attention_mask=batch["attention_mask"])
+        ce = masked_ce(logits, batch["input_ids"], mask)
+        return (-ce if kind == "ascent" else -jnp.log1p(ce)), ce
+    logits, hidden = forward(
+        cfg, params, batch["input_ids"], attention_mask=batch["attention_mask"], return_hidden=True
+    )
+    ce = masked_ce(logits, batch["input_ids"], mask)
+
+    @jax.checkpoint
+    def lens_ce(h):
+        return masked_ce(logit_lens(cfg, params, h), batch["input_ids"], mask)
+
+    lens = jax.lax.map(lens_ce, hidden[:-1])
+    mean = (2.0 * ce + jnp.sum(lens)) / hidden.shape[0]
+    return -jnp.log1p(mean), ce
+
+
+@register_method("seam")
+@dataclasses.dataclass(frozen=True)
+class SEAM(Method):
+    """SEAM: grads = ∇L_ul + α∇L_up + β·∇̂cos(g_a, g_b); streams adversarial/alignment/benign.
+
+    Hyperparameters: alpha (L_up weight), beta (L_sd weight), eps (finite-difference step),
+    estimator ("forward" official | "central" | "exact"), unlearning ("logit_lens" official |
+    "log" | "ascent"), benign_full_sequence (official True), perturb_dtype (None: the params'
+    dtype, or float32 for bf16/f16 params; "float32"/"float64" force a copy in that dtype).
+    """
+
+    alpha: float = 1.0
+    beta: float = 0.01
+    eps: float = 1e-3
+    estimator: str = "forward"
+    unlearning: str = "logit_lens"
+    benign_full_sequence: bool = True
+    perturb_dtype: str | None = None
+
+    streams = ("adversarial", "alignment", "benign")
+
+    def validate(self):
+        if self.estimator not in ESTIMATORS:
+            raise ConfigError(f"method 'seam' estimator: {self.estimator!r} is not one of {ESTIMATORS}")
+        if self.unlearning not in UNLEARNING:
+            raise ConfigError(f"method 'seam' unlearning: {self.unlearning!r} is not one of {UNLEARNING}")
+        if self.perturb_dtype not in PERTURB_DTYPES:
+            raise ConfigError(f"method 'seam' perturb_dtype: {self.perturb_dtype!r} is not one of {PERTURB_DTYPES}")
+        if not self.eps > 0:
+            raise ConfigError(f"method 'seam' eps: must be > 0, got {self.eps!r}")
+        return self
+
+    def __post_init__(self):
+        self.validate()
+
+    def masked_batches(self, batches):
+        """(harmful, refusal, benign) batches carrying SEAM's loss masks."""
+        adversarial, alignment = seam_loss_masks(batches["adversarial"], batches["alignment"])
+        benign = batches["benign"]
+        if self.benign_full_sequence:
+            benign = full_sequence_mask(benign)
+        return adversarial, alignment, benign
+
+    def ce_loss(self, params, batch):
+        """Masked token CE ℓ (the attacker's loss): ∇ on the harmful batch is g_a, on benign g_b."""
+        cfg = self._require_cfg()
+        logits = forward(cfg, params, batch["input_ids"], attention_mask=batch["attention_mask"])
+        return masked_ce(logits, batch["input_ids"], batch["loss_mask"])
+
+    def primary_loss(self, params, adversarial, alignment):
+        """L_ul + α·L_up (the official logged loss), aux (L_ul, L_up, CE_final on harmful)."""
+        l_ul, ce_adv = unlearning_loss(self._require_cfg(), params, adversarial, self.unlearning)
+        l_up = self.ce_loss(params, alignment)
+        return l_ul + self.alpha * l_up, (l_ul, l_up, ce_adv)
+
+    def sd_grad(self, params, adversarial, benign):
+        """(cos(g_a, g_b), ∇̂cos, aux) from curvature.cosine_grad with this estimator and ε.
+
+        Finite differences of sub-float32 params (e.g. compute_dtype bfloat16) perturb a float32
+        copy unless perturb_dtype says otherwise: bf16 cannot hold θ + 1e-3·δ.
+        """
+        perturb = None if self.perturb_dtype is None else jnp.dtype(self.perturb_dtype)
+        low = any(jnp.finfo(x.dtype).bits < 32 for x in jax.tree.leaves(params)
+                  if jnp.issubdtype(x.dtype, jnp.floating))
+        if perturb is None and low and self.estimator != "exact":
+            perturb = jnp.dtype(jnp.float32)
+        return cosine_grad(
+            self.ce_loss, adversarial, self.ce_loss, benign, params,
+            estimator=self.estimator, eps=self.eps, perturb_dtype=perturb,
+        )
+
+    def grad(self, params, batches, key=None):
+        """grads = ∇(L_ul + α·L_up) + β·∇̂L_sd; metrics l_ul, l_up, cos, gradient norms."""
+        del key
+        adversarial, alignment, benign = self.masked_batches(batches)
+        (loss, (l_ul, l_up, _)), g_primary = jax.value_and_grad(self.primary_loss, has_aux=True)(
+            params, adversarial, alignment
+        )
+        metrics = {"loss": loss, "l_ul": l_ul, "l_up": l_up, "grad_norm_primary": tree_norm(g_primary)}
+        if self.beta == 0:
+            ce_a, g_a = jax.value_and_grad(self.ce_loss)(params, adversarial)
+            ce_b, g_b = jax.value_and_grad(self.ce_loss)(params, benign)
+            norm_a, norm_b = tree_norm(g_a), tree_norm(g_b)
+            cos = tree_vdot(g_a, g_b) / (norm_a * norm_b)
+            grads, norm_sd = g_primary, jnp.zeros(())
+        else:
+            cos, g_sd, aux = self.sd_grad(params, adversarial, benign)
+            norm_a, norm_b, ce_a, ce_b = aux["norm_a"], aux["norm_b"], aux["loss_a"], aux["loss_b"]
+            grads = jax.tree.map(
+                lambda x, y: (x.astype(jnp.float32) + self.beta * y.astype(jnp.float32)).astype(x.dtype),
+                g_primary, g_sd,
+            )
+            norm_sd = tree_norm(g_sd)
+        metrics.update(cos=cos, grad_norm_a=norm_a, grad_norm_b=norm_b, grad_norm_sd=norm_sd,
+                       ce_attack=ce_a, ce_benign=ce_b, grad_norm=tree_norm(grads))
+        return grads, metrics

@@ -1,0 +1,183 @@
+"""Batched sampling with a KV cache (k, v caches [L, B, S, Hk, Dh]).
+
+Prompts are left-aligned on the host (right-padded rows are moved), then padded on the left
+to a multiple of 32 and the new-token budget to a power of two ≥ 16, so one compilation
+serves every call in the same (batch, prompt bucket, budget bucket). Prefill runs the whole
+prompt once; a `lax.while_loop` then decodes one token per step and stops early once every
+row has emitted a stop token. Rows that finished emit `pad_id` (the stop token itself is kept).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxdefense.errors import ConfigError, DataError
+from jaxdefense.models.config import ModelConfig
+from jaxdefense.models.decoder import (attend, causal_mask, dense, logits_from_hidden, mlp, positions_from_mask,
+                                       project_qkv, rms_norm, rope_table)
+from jaxdefense.models.lora import merge
+
+PROMPT_BUCKET = 32
+MIN_NEW_BUCKET = 16
+STOP_SLOTS = 8
+
+
+def _bucket_new(n: int) -> int:
+    return max(MIN_NEW_BUCKET, 1 << (n - 1).bit_length())
+
+
+def _left_align(ids: np.ndarray, mask: np.ndarray, bucket: int, pad_id: int):
+    """Move each row's real tokens to the right end of a width-`bucket` multiple row."""
+    B, T = ids.shape
+    width = -(-T // bucket) * bucket
+    out_ids = np.full((B, width), pad_id, np.int32)
+    out_mask = np.zeros((B, width), np.int32)
+    for b in range(B):
+        real = ids[b][mask[b] > 0]
+        if real.size == 0:
+            raise DataError(f"prompt row {b}: no real tokens (attention mask all zero)")
+        out_ids[b, width - real.size:] = real
+        out_mask[b, width - real.size:] = 1
+    return out_ids, out_mask
+
+
+def _sample(logits, key, temperature, top_p, greedy: bool, nucleus: bool):
+    """argmax, or a draw from softmax(z / T) restricted to the smallest top-p nucleus."""
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    z = logits / temperature
+    if nucleus:
+        sorted_z = jnp.sort(z, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_z, axis=-1)
+        keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+        threshold = jnp.min(jnp.where(keep, sorted_z, jnp.inf), axis=-1, keepdims=True)
+        z = jnp.where(z >= threshold, z, -jnp.inf)
+    return jax.random.categorical(key, z, axis=-1).astype(jnp.int32)
+
+
+def _prefill(cfg, params, ids, mask):
+    """Run the prompt; return last-position logits [B,V] and per-layer k, v [L,B,P,Hk,Dh]."""
+    rope, attn_mask = rope_table(cfg, positions_from_mask(mask)), causal_mask(mask)
+
+    def layer(x, p):
+        q, k, v = project_qkv(cfg, p, rms_norm(x, p["attn_norm"], cfg.rms_norm_eps), rope)
+        x = x + dense(attend(q, k, v, attn_mask), p["wo"])
+        return x + mlp(p, rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)), (k, v)
+
+    x, (ks, vs) = lax.scan(layer, jnp.take(params["embed"], ids, axis=0), params["layers"])
+    return logits_from_hidden(cfg, params, x[:, -1:])[:, 0], ks, vs
+
+
+def _decode_step(cfg, params, tok, pos, slot, cache_k, cache_v, valid):
+    """Logits [B,V] for one new token per row at cache slot `slot`; caches updated in place."""
+    step_mask, rope = valid[:, None, :], rope_table(cfg, pos[:, None])
+
+    def layer(carry, inputs):
+        x, ck, cv = carry
+        p, l = inputs
+        q, k, v = project_qkv(cfg, p, rms_norm(x, p["attn_norm"], cfg.rms_norm_eps), rope)
+        ck = lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (l, 0, slot, 0, 0))
+        cv = lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (l, 0, slot, 0, 0))
+        k_all, v_all = lax.dynamic_index_in_dim(ck, l, 0, False), lax.dynamic_index_in_dim(cv, l, 0, False)
+        x = x + dense(attend(q, k_all, v_all, step_mask), p["wo"])
+        return (x + mlp(p, rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)), ck, cv), None
+
+    x = jnp.take(params["embed"], tok, axis=0)[:, None]
+    layers = (params["layers"], jnp.arange(cfg.num_layers))
+    (x, cache_k, cache_v), _ = lax.scan(layer, (x, cache_k, cache_v), layers)
+    return logits_from_hidden(cfg, params, x)[:, 0], cache_k, cache_v
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "greedy", "nucleus", "new_bucket", "pad_id"))
+def _generate_jit(params, ids, mask, key, temperature, top_p, stops, n_new, *, cfg: ModelConfig,
+                  greedy: bool, nucleus: bool, new_bucket: int, pad_id: int):
+    B, P = ids.shape
+    logits, ks, vs = _prefill(cfg, params, ids, mask)
+    pad_kv = ((0, 0), (0, 0), (0, new_bucket), (0, 0), (0, 0))
+    cache_k, cache_v = jnp.pad(ks, pad_kv), jnp.pad(vs, pad_kv)
+    valid = jnp.concatenate([mask > 0, jnp.zeros((B, new_bucket), jnp.bool_)], axis=1)
+    last_pos = positions_from_mask(mask)[:, -1]
+    key, sub = jax.random.split(key)
+    state = (jnp.int32(0), _sample(logits, sub, temperature, top_p, greedy, nucleus), jnp.zeros((B,), jnp.bool_),
+             jnp.full((B, new_bucket), pad_id, jnp.int32), cache_k, cache_v, valid, key)
+
+    def cond(state):
+        i, _, done, *_ = state
+        return (i < n_new) & ~jnp.all(done)
+
+    def body(state):
+        i, tok, done, out, cache_k, cache_v, valid, key = state
+        out = out.at[:, i].set(jnp.where(done, pad_id, tok))
+        done = done | jnp.any(tok[:, None] == stops[None, :], axis=-1)
+        slot = P + i
+        valid = lax.dynamic_update_slice(valid, jnp.ones((B, 1), jnp.bool_), (0, slot))
+        logits, cache_k, cache_v = _decode_step(cfg, params, tok, last_pos + 1 + i, slot, cache_k, cache_v, valid)
+        key, sub = jax.random.split(key)
+        tok = _sample(logits, sub, temperature, top_p, greedy, nucleus)
+        return i + 1, tok, done, out, cache_k, cache_v, valid, key
+
+    return lax.while_loop(cond, body, state)[3]
+
+
+def generate(cfg: ModelConfig, params: dict, prompt_ids, prompt_mask=None, *, max_new_tokens: int,
+             temperature: float = 0.0, top_p: float = 1.0, stop_tokens=(), key=None, lora=None,
+             pad_id: int | None = None) -> jax.Array:
+    """New tokens [B, max_new_tokens] after each prompt (greedy when temperature == 0).
+
+    prompt_mask [B,P]: 1 real, 0 pad (left- or right-padded). After a row emits one of
+    `stop_tokens` it emits `pad_id` (default cfg.pad_token_id, else its first eos, else 0).
+    """
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens: must be ≥ 1, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ConfigError(f"temperature/top_p: need temperature ≥ 0 and 0 < top_p ≤ 1, got {temperature}, {top_p}")
+    greedy = temperature == 0
+    if not greedy and key is None:
+        raise ConfigError("key: a PRNG key is required when temperature > 0")
+    if pad_id is None:
+        pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_ids or (0,))[0]
+    stops = tuple(int(t) for t in stop_tokens)
+    slots = max(STOP_SLOTS, 1 << max(len(stops) - 1, 0).bit_length())
+    stop_arr = np.full((slots,), -1, np.int32)
+    stop_arr[: len(stops)] = stops
+    ids = np.asarray(prompt_ids, np.int32)
+    mask = np.ones_like(ids) if prompt_mask is None else np.asarray(prompt_mask, np.int32)
+    ids, mask = _left_align(ids, mask, PROMPT_BUCKET, pad_id)
+    if lora is not None:
+        params = merge(params, lora)
+    out = _generate_jit(params, ids, mask, jax.random.key(0) if key is None else key, jnp.float32(temperature),
+                        jnp.float32(top_p), stop_arr, jnp.int32(max_new_tokens), cfg=cfg, greedy=greedy,
+                        nucleus=not greedy and top_p < 1.0, new_bucket=_bucket_new(max_new_tokens),
+                        pad_id=int(pad_id))
+    return out[:, :max_new_tokens]
+
+
+def generate_text(cfg: ModelConfig, params: dict, tokenizer, prompts, *, max_new_tokens: int = 64,
+                  chat: bool = True, temperature: float = 0.0, top_p: float = 1.0, key=None,
+                  stop_tokens=None, lora=None) -> list[str]:
+    """Decoded completions of `prompts` (strings), formatted by `apply_chat` when `chat`.
+
+    Stop tokens default to the config's and the tokenizer's eos ids.
+    """
+    from jaxdefense.models.tokenizer import apply_chat, encode_prompts
+
+    texts = [apply_chat(tokenizer, p) if chat else p for p in prompts]
+    ids, mask = encode_prompts(tokenizer, texts, chat=chat)
+    if stop_tokens is None:
+        stop_tokens = set(cfg.eos_ids)
+        if tokenizer.eos_token_id is not None:
+            stop_tokens.add(int(tokenizer.eos_token_id))
+    stop_tokens = tuple(sorted(stop_tokens))
+    out = np.asarray(generate(cfg, params, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                              top_p=top_p, stop_tokens=stop_tokens, key=key, lora=lora))
+    texts = []
+    for row in out:
+        stop_at = [i for i, t in enumerate(row) if t in stop_tokens]
+        row = row[: stop_at[0]] if stop_at else row
+        texts.append(tokenizer.decode(row.tolist(), skip_special_tokens=True))
+    return texts

@@ -1,0 +1,181 @@
+"""Hugging Face checkpoint import/export (config.json + safetensors, single file or sharded).
+
+HF Linear weights are (out, in); ours are (in, out), so kernel = weight.T. Layers are
+stacked on the leading L axis. Tied embeddings stay ONE array (no lm_head key).
+Loading is strict: every expected tensor present with its exact shape, no unknown
+tensor, no unsupported config field — else CheckpointError naming the key, with nothing
+returned. Saving writes to a temporary sibling directory and renames it into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from jaxdefense.errors import CheckpointError
+from jaxdefense.models.config import ModelConfig, config_from_hf, config_to_hf
+from jaxdefense.models.decoder import param_shapes
+
+# our layer param → (HF suffix under model.layers.{i}., is a Linear weight to transpose)
+_LAYER_KEYS = {
+    "attn_norm": ("input_layernorm.weight", False), "mlp_norm": ("post_attention_layernorm.weight", False),
+    "wq": ("self_attn.q_proj.weight", True), "wk": ("self_attn.k_proj.weight", True),
+    "wv": ("self_attn.v_proj.weight", True), "wo": ("self_attn.o_proj.weight", True),
+    "bq": ("self_attn.q_proj.bias", False), "bk": ("self_attn.k_proj.bias", False),
+    "bv": ("self_attn.v_proj.bias", False), "q_norm": ("self_attn.q_norm.weight", False),
+    "k_norm": ("self_attn.k_norm.weight", False), "w_gate": ("mlp.gate_proj.weight", True),
+    "w_up": ("mlp.up_proj.weight", True), "w_down": ("mlp.down_proj.weight", True),
+}
+_TOP_KEYS = {"embed": ("model.embed_tokens.weight", False), "final_norm": ("model.norm.weight", False),
+             "lm_head": ("lm_head.weight", True)}
+_HARMLESS_TENSOR = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+def _tensor_map(cfg: ModelConfig) -> dict[str, tuple[str, int | None, bool, tuple]]:
+    """HF key → (our param name, layer index or None, transpose, HF shape)."""
+    shapes = param_shapes(cfg)
+    out = {}
+    for name, (key, transpose) in _TOP_KEYS.items():
+        if name in shapes:
+            shape = shapes[name][::-1] if transpose else shapes[name]
+            out[key] = (name, None, transpose, tuple(shape))
+    for name, shape in shapes["layers"].items():
+        suffix, transpose = _LAYER_KEYS[name]
+        hf_shape = tuple(shape[1:][::-1] if transpose else shape[1:])
+        for i in range(cfg.num_layers):
+            out[f"model.layers.{i}.{suffix}"] = (name, i, transpose, hf_shape)
+    return out
+
+
+def _weight_files(path: Path) -> dict[str, tuple[Path, tuple]]:
+    """HF key → (safetensors file holding it, shape); model.safetensors, else the sharded index."""
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if single.exists():
+        files, listed = [single], None
+    elif index.exists():
+        listed = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(listed, dict):
+            raise CheckpointError(f"{index}: no weight_map")
+        files = [path / f for f in sorted(set(listed.values()))]
+        for f in files:
+            if not f.exists():
+                raise CheckpointError(f"{index}: shard {f.name} is missing")
+    else:
+        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    key_file = {}
+    for f in files:
+        with safe_open(str(f), framework="numpy") as handle:
+            for key in handle.keys():
+                key_file[key] = (f, tuple(handle.get_slice(key).get_shape()))
+    for key in listed or {}:
+        if key not in key_file:
+            raise CheckpointError(f"{path}: missing tensor {key} (listed in the index, absent from its shard)")
+    return key_file
+
+
+def load_hf(path, dtype=jnp.float32) -> tuple[ModelConfig, dict]:
+    """(cfg, params) from a local HF directory, streamed tensor by tensor into `dtype`."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise CheckpointError(f"{path}: no config.json")
+    cfg = config_from_hf(json.loads(config_file.read_text()))
+    expected = _tensor_map(cfg)
+    key_file = _weight_files(path)
+    missing = sorted(set(expected) - set(key_file))
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor {missing[0]}" + (f" (+{len(missing) - 1} more)" if missing[1:] else ""))
+    tied_head = cfg.tie_embeddings and "lm_head.weight" in key_file
+    extra = sorted(k for k in set(key_file) - set(expected) if not _HARMLESS_TENSOR.search(k)
+                   and not (tied_head and k == "lm_head.weight"))
+    if extra:
+        raise CheckpointError(f"{path}: unexpected tensor {extra[0]}" + (f" (+{len(extra) - 1} more)" if extra[1:] else ""))
+    for key, (_, _, _, hf_shape) in expected.items():
+        if key_file[key][1] != hf_shape:
+            raise CheckpointError(f"{path}: tensor {key} has shape {key_file[key][1]}, expected {hf_shape}")
+
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    shapes = param_shapes(cfg)
+    host = {"layers": {n: np.empty(s, np_dtype) for n, s in shapes["layers"].items()}}
+    by_file: dict[Path, list[str]] = {}
+    for key in expected:
+        by_file.setdefault(key_file[key][0], []).append(key)
+    if tied_head:
+        by_file.setdefault(key_file["lm_head.weight"][0], []).append("lm_head.weight")
+    tied_weight = None
+    for file, keys in by_file.items():
+        with safe_open(str(file), framework="numpy") as handle:
+            for key in keys:
+                if key == "lm_head.weight" and tied_head:
+                    tied_weight = handle.get_tensor(key)
+                    continue
+                name, layer, transpose, _ = expected[key]
+                value = handle.get_tensor(key)
+                value = value.T if transpose else value
+                if layer is None:
+                    host[name] = np.asarray(value, np_dtype)
+                else:
+                    host["layers"][name][layer] = value
+    if tied_weight is not None and not np.array_equal(np.asarray(tied_weight, np_dtype), host["embed"]):
+        raise CheckpointError(f"{path}: tensor lm_head.weight differs from model.embed_tokens.weight "
+                              "although tie_word_embeddings is true")
+    return cfg, jax.tree.map(jnp.asarray, host)
+
+
+def _check_params(cfg: ModelConfig, params: dict) -> None:
+    shapes = param_shapes(cfg)
+    want = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_flatten_with_path(
+        shapes, is_leaf=lambda s: isinstance(s, tuple))[0]}
+    have = {jax.tree_util.keystr(p): tuple(a.shape) for p, a in jax.tree_util.tree_flatten_with_path(params)[0]}
+    for key in sorted(set(want) | set(have)):
+        if key not in have:
+            raise CheckpointError(f"params{key}: missing (config {cfg.family}, tie_embeddings={cfg.tie_embeddings})")
+        if key not in want:
+            raise CheckpointError(f"params{key}: not part of the {cfg.family} layout")
+        if have[key] != tuple(want[key]):
+            raise CheckpointError(f"params{key}: shape {have[key]}, expected {tuple(want[key])}")
+
+
+def save_hf(cfg: ModelConfig, params: dict, path, *, tokenizer=None) -> Path:
+    """Write config.json, generation_config.json, model.safetensors (and the tokenizer, if given)
+    loadable by transformers `AutoModelForCausalLM.from_pretrained` with identical logits."""
+    _check_params(cfg, params)
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path}: exists and is not a directory")
+    dtype = np.dtype(params["embed"].dtype)
+    tensors = {}
+    for key, (name, layer, transpose, _) in _tensor_map(cfg).items():
+        value = np.asarray(params[name] if layer is None else params["layers"][name][layer])
+        tensors[key] = np.ascontiguousarray(value.T if transpose else value)
+    hf_config = config_to_hf(cfg, dtype=dtype.name)
+    generation = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf_config[k] is not None}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.rename(path, old / path.name)
+        os.rename(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path

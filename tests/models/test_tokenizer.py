@@ -1,0 +1,80 @@
+"""Local tokenizers, chat formatting and text generation end to end (a byte-level BPE made here)."""
+
+import jax
+import numpy as np
+import pytest
+
+from jaxdefense.errors import CheckpointError
+from jaxdefense.models import (PLAIN_TEMPLATE, apply_chat, encode_prompts, generate, generate_text, init_params,
+                               load_tokenizer, named_config)
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def _make_tokenizer(path, chat_template=None):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<s>", "</s>", "<|end|>", "<|user|>", "<|assistant|>"]
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["how do I bake bread", "instruction response hello world"] * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    if chat_template:
+        fast.chat_template = chat_template
+    fast.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tok")
+    return (load_tokenizer(_make_tokenizer(root / "plain")),
+            load_tokenizer(_make_tokenizer(root / "chat", CHAT_TEMPLATE)))
+
+
+def test_missing_tokenizer_dir(tmp_path):
+    with pytest.raises(CheckpointError, match="nope"):
+        load_tokenizer(tmp_path / "nope")
+
+
+def test_plain_template(tokenizers):
+    plain, _ = tokenizers
+    assert apply_chat(plain, "Bake bread?") == "### Instruction:\nBake bread?\n\n### Response:\n"
+    assert apply_chat(plain, "Bake bread?") == PLAIN_TEMPLATE.format(prompt="Bake bread?")
+    assert apply_chat(plain, "Bake bread?", "Knead.") == PLAIN_TEMPLATE.format(prompt="Bake bread?") + "Knead.</s>"
+
+
+def test_chat_template_prompt_is_prefix_of_conversation(tokenizers):
+    _, chat = tokenizers
+    head = apply_chat(chat, "hello")
+    full = apply_chat(chat, "hello", "world")
+    assert head == "<|user|>\nhello<|end|>\n<|assistant|>\n"
+    assert full == head + "world<|end|>\n"
+
+
+def test_encode_prompts_left_pads(tokenizers):
+    plain, _ = tokenizers
+    ids, mask = encode_prompts(plain, ["hello", "how do I bake bread"], chat=False)
+    assert ids.shape == mask.shape and ids.dtype == np.int32
+    short = mask[0].sum()
+    assert (mask[0, -short:] == 1).all() and (mask[0, :-short] == 0).all()
+    assert (ids[0, :-short] == plain.pad_token_id).all()
+    assert plain.decode(ids[1][mask[1] > 0].tolist(), skip_special_tokens=True) == "how do I bake bread"
+
+
+def test_generate_text_decodes_generated_tokens(tokenizers):
+    _, chat = tokenizers
+    cfg = named_config("tiny", eos_token_id=chat.eos_token_id, pad_token_id=chat.pad_token_id)
+    params = jax.tree.map(lambda x: 4 * x, init_params(cfg, jax.random.key(0)))
+    texts = generate_text(cfg, params, chat, ["hello", "how do I bake bread"], max_new_tokens=8)
+    ids, mask = encode_prompts(chat, [apply_chat(chat, p) for p in ["hello", "how do I bake bread"]])
+    tokens = np.asarray(generate(cfg, params, ids, mask, max_new_tokens=8, stop_tokens=(chat.eos_token_id,)))
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    for text, row in zip(texts, tokens):
+        row = row[: np.flatnonzero(row == chat.eos_token_id)[0]] if (row == chat.eos_token_id).any() else row
+        assert text == chat.decode(row.tolist(), skip_special_tokens=True)
