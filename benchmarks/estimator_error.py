@@ -35,7 +35,7 @@ import optax
 
 from benchmarks._common import lm_batch, machine_info, markov_tokens, parse_args, write_json
 from jaxdefense.curvature import cosine_grad, hessian_lipschitz, seam_bound
-from jaxdefense.curvature._tree import tree_cast
+from jaxdefense.curvature._tree import tree_cast, tree_norm, tree_vdot
 from jaxdefense.models import init_params, lm_loss, named_config
 
 EPS_FULL = [1.0, 3e-1, 1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6, 3e-7, 1e-7]
@@ -47,8 +47,9 @@ PRECISIONS = {
     "bf16+fp32_perturb": (jnp.bfloat16, jnp.float32),
 }
 SHAPES = {"tiny": dict(batch=8, seq=32), "small": dict(batch=8, seq=64)}
+QUICK_SHAPES = {"tiny": dict(batch=4, seq=16)}
 TRAIN = {"tiny": dict(steps=300, lr=3e-3), "small": dict(steps=120, lr=1e-3)}
-QUICK_TRAIN = {"tiny": dict(steps=60, lr=3e-3)}
+QUICK_TRAIN = {"tiny": dict(steps=40, lr=3e-3)}
 TABLE_SEEDS = {"a": 11, "b": 22}
 
 
@@ -95,53 +96,55 @@ def train(cfg, shape, steps, lr, seed=0):
 
 
 _FNS_CACHE = {}
+_T0 = time.perf_counter()
 
 
 def _estimator_fns(cfg, perturb_dtype):
-    """Jitted (ε traced) finite-difference and exact estimators, one set per config and perturb dtype."""
-    key = (cfg, None if perturb_dtype is None else jnp.dtype(perturb_dtype).name)
-    if key not in _FNS_CACHE:
-        _FNS_CACHE[key] = _make_estimator_fns(cfg, perturb_dtype)
-    return _FNS_CACHE[key]
+    """({"forward", "central"}: jitted f(p, ba, bb, ε) with ε traced, exact: jitted f(p, ba, bb)).
 
-
-def _make_estimator_fns(cfg, perturb_dtype):
+    Cached per config (and perturb dtype for the finite differences), so each precision
+    compiles each estimator once; "exact" ignores perturb_dtype and is shared.
+    """
     loss = lambda p, b: lm_loss(cfg, p, b)
-    fd = {
-        est: jax.jit(lambda p, ba, bb, eps, est=est: cosine_grad(
-            loss, ba, loss, bb, p, estimator=est, eps=eps, perturb_dtype=perturb_dtype)[1])
-        for est in ("forward", "central")
-    }
-    exact = jax.jit(lambda p, ba, bb: cosine_grad(loss, ba, loss, bb, p))
-    return fd, exact
+    pd_name = None if perturb_dtype is None else jnp.dtype(perturb_dtype).name
+    if ("exact", cfg) not in _FNS_CACHE:
+        _FNS_CACHE[("exact", cfg)] = jax.jit(lambda p, ba, bb: cosine_grad(loss, ba, loss, bb, p)[1])
+    if ("fd", cfg, pd_name) not in _FNS_CACHE:
+        _FNS_CACHE[("fd", cfg, pd_name)] = {
+            est: jax.jit(lambda p, ba, bb, eps, est=est: cosine_grad(
+                loss, ba, loss, bb, p, estimator=est, eps=eps, perturb_dtype=perturb_dtype)[1])
+            for est in ("forward", "central")
+        }
+    return _FNS_CACHE[("fd", cfg, pd_name)], _FNS_CACHE[("exact", cfg)]
 
 
 def lipschitz_constants(cfg, params64, batch_a, batch_b, quick):
-    """L along the estimator's unit directions and the max over random unit pairs, fp64."""
+    """fp64 (cos, ‖g_a‖, ‖g_b‖, L_a, L_b, L_a random, L_b random).
+
+    L along each stream's own unit direction δ̂ (δ_a = ĝ_b − cĝ_a, δ_b = ĝ_a − cĝ_b) with
+    radius 1e-4, and the max over random unit pairs (radius 1e-3). One compilation serves
+    both streams.
+    """
     key = ("lipschitz", cfg, quick)
     if key not in _FNS_CACHE:
-        _FNS_CACHE[key] = _make_lipschitz_fn(cfg, quick)
-    return [float(x) for x in _FNS_CACHE[key](params64, batch_a, batch_b)]
-
-
-def _make_lipschitz_fn(cfg, quick):
-    loss = lambda p, b: lm_loss(cfg, p, b)
-
-    @jax.jit
-    def run(p, ba, bb):
-        cos, _, aux = cosine_grad(loss, ba, loss, bb, p)
-        ga, gb = jax.grad(loss)(p, ba), jax.grad(loss)(p, bb)
-        d_a = jax.tree.map(lambda x, y: x / aux["norm_b"] - cos * y / aux["norm_a"], gb, ga)
-        d_b = jax.tree.map(lambda x, y: x / aux["norm_a"] - cos * y / aux["norm_b"], ga, gb)
-        key = jax.random.key(7)
-        along_a = hessian_lipschitz(loss, p, ba, 1e-4, 1, key, u=d_a, v=d_a)
-        along_b = hessian_lipschitz(loss, p, bb, 1e-4, 1, key, u=d_b, v=d_b)
-        n_dirs = 2 if quick else 4
-        rand_a = hessian_lipschitz(loss, p, ba, 1e-3, n_dirs, jax.random.key(8))
-        rand_b = hessian_lipschitz(loss, p, bb, 1e-3, n_dirs, jax.random.key(9))
-        return cos, aux["norm_a"], aux["norm_b"], along_a, along_b, rand_a, rand_b
-
-    return run
+        loss = lambda p, b: lm_loss(cfg, p, b)
+        n_dirs = 1 if quick else 4
+        _FNS_CACHE[key] = (
+            jax.jit(jax.grad(loss)),
+            jax.jit(lambda p, b, u, k: (
+                hessian_lipschitz(loss, p, b, 1e-4, 1, k, u=u, v=u),
+                hessian_lipschitz(loss, p, b, 1e-3, n_dirs, k),
+            )),
+        )
+    grad_fn, lip_fn = _FNS_CACHE[key]
+    g_a, g_b = grad_fn(params64, batch_a), grad_fn(params64, batch_b)
+    norm_a, norm_b = float(tree_norm(g_a)), float(tree_norm(g_b))
+    cos = float(tree_vdot(g_a, g_b)) / (norm_a * norm_b)
+    d_a = jax.tree.map(lambda x, y: x / norm_b - cos * y / norm_a, g_b, g_a)
+    d_b = jax.tree.map(lambda x, y: x / norm_a - cos * y / norm_b, g_a, g_b)
+    along_a, rand_a = lip_fn(params64, batch_a, d_a, jax.random.key(7))
+    along_b, rand_b = lip_fn(params64, batch_b, d_b, jax.random.key(8))
+    return cos, norm_a, norm_b, float(along_a), float(along_b), float(rand_a), float(rand_b)
 
 
 def study_state(config, state, cfg, params, batch_a, batch_b, eps_list, quick, precisions):
@@ -165,7 +168,7 @@ def study_state(config, state, cfg, params, batch_a, batch_b, eps_list, quick, p
                     est = _flat64(fn(p, batch_a, batch_b, eps))
                     rows.append({"config": config, "state": state, "precision": precision,
                                  "estimator": estimator, "eps": eps, **_compare(est, truth)})
-        print(f"[estimator_error] {config}/{state}/{precision} done", flush=True)
+        print(f"[estimator_error] {config}/{state}/{precision} done at {time.perf_counter() - _T0:.0f}s", flush=True)
 
     fwd64 = {r["eps"]: r["abs_error"] for r in rows
              if r["precision"] == "fp64" and r["estimator"] == "forward"}
@@ -259,9 +262,10 @@ def main(argv=None):
     start = time.perf_counter()
     rows, bounds, training = [], {}, {}
     for config in configs:
-        cfg, shape = named_config(config), SHAPES[config]
+        cfg, shape = named_config(config), (QUICK_SHAPES if args.quick else SHAPES)[config]
         steps = args.train_steps if args.train_steps is not None else train_cfg.get(config, TRAIN[config])["steps"]
         trained, training[config] = train(cfg, shape, steps, train_cfg.get(config, TRAIN[config])["lr"])
+        print(f"[estimator_error] {config}: trained {steps} steps at {time.perf_counter() - _T0:.0f}s", flush=True)
         batch_a = lm_batch(markov_tokens(1, shape["batch"], shape["seq"], cfg.vocab_size, table_seed=TABLE_SEEDS["a"]))
         batch_b = lm_batch(markov_tokens(2, shape["batch"], shape["seq"], cfg.vocab_size, table_seed=TABLE_SEEDS["b"]))
         states = {"init": init_params(cfg, jax.random.key(0)), "trained": trained}
@@ -274,7 +278,7 @@ def main(argv=None):
         "quick": args.quick,
         "eps": eps_list,
         "precisions": precisions,
-        "shapes": {c: SHAPES[c] for c in configs},
+        "shapes": {c: (QUICK_SHAPES if args.quick else SHAPES)[c] for c in configs},
         "training": training,
         "rows": rows,
         "bound": bounds,

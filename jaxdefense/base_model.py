@@ -10,11 +10,13 @@ config on the same software gives the same weights:
    "chosen" dialogues whose last prompt is in the train split, GSM8K, SST-2 and AG News train
    text. No harmful response is ever trained on;
 3. align — SFT (response tokens only) on a shuffled mix of benign instructions and harmful
-   prompt → refusal pairs (refusal stream, train split);
+   prompt → refusal pairs (refusal stream, train split), with the first response token's CE
+   up-weighted (`align_grad`): greedy decoding decides refuse-or-comply there, and plain SFT
+   left the tiny model refusing almost every benign prompt too;
 
 then evaluation on held-out data (benign/harmful/refusal NLL, refusal rate on held-out harmful
 prompts, over-refusal on benign prompts, judge harmful rate) and `save_hf` + tokenizer +
-build_info.json. Both training phases run in `jaxdefense.train.train` with `sft_grad`.
+build_info.json. Both training phases run in `jaxdefense.train.train` (`sft_grad`, `align_grad`).
 
 Size knobs: `configs/base.yaml` holds the default (≈ 10–15 min on a 2-core CPU). `--minutes M`
 turns the step counts into a wall-clock budget: pretrain/align steps are set from the measured
@@ -93,6 +95,7 @@ class CorpusConfig:
 @dataclasses.dataclass
 class AlignConfig:
     refusal_fraction: float = field(1 / 3, doc="share of harmful→refusal examples in the SFT mix")
+    first_token_weight: float = field(5.0, doc="extra weight w of the first response token's CE (0: plain SFT)")
     benign_limit: int | None = None
 
 
@@ -142,6 +145,40 @@ def optimizer(phase: PhaseConfig):
         0.0, phase.lr, warmup, max(phase.steps, warmup + 1), phase.lr * phase.final_lr_fraction)
     return optax.chain(optax.clip_by_global_norm(phase.clip_norm),
                        optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=phase.weight_decay))
+
+
+def align_grad(cfg, first_token_weight: float, stream: str = "train"):
+    """SFT gradient with the refuse/comply decision up-weighted:
+
+        L = CE(response tokens) + w · CE(first response token)
+
+    Greedy decoding commits to refusing or complying at the first response token, which plain
+    SFT weights by only 1/|response|; with w = 0 this is `train.sft_grad`. Metrics: loss, first_ce.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdefense.models import forward, next_token_nll
+    from jaxdefense.train import sft_grad
+
+    if first_token_weight == 0:
+        return sft_grad(cfg, stream)
+
+    def loss_fn(params, batch):
+        logits = forward(cfg, params, batch["input_ids"], attention_mask=batch["attention_mask"])
+        nll, weights = next_token_nll(logits, batch["input_ids"], batch["loss_mask"])
+        first = ((jnp.cumsum(weights, axis=1) == 1) & (weights > 0)).astype(jnp.float32)
+        ce = jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+        first_ce = jnp.sum(nll * first) / jnp.maximum(jnp.sum(first), 1.0)
+        return ce + first_token_weight * first_ce, first_ce
+
+    def grad_fn(params, batches, key):
+        del key
+        (loss, first_ce), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batches[stream])
+        return grads, {"loss": loss, "first_ce": first_ce}
+
+    grad_fn.streams = (stream,)
+    return grad_fn
 
 
 # ---------------------------------------------------------------- corpora
@@ -224,20 +261,21 @@ def evaluate_base(cfg, params, tokenizer, ev: EvalConfig, seq_len: int, data_dir
 # ---------------------------------------------------------------- build
 
 
-def _phase(params, cfg, stream, phase: PhaseConfig, seed: int, compute_dtype, progress: bool):
-    from jaxdefense.train import sft_grad, train
+def _phase(params, grad_fn, stream, phase: PhaseConfig, seed: int, compute_dtype, progress: bool):
+    from jaxdefense.train import train
 
-    result = train(params, sft_grad(cfg), {"train": stream}, optimizer(phase), steps=phase.steps, seed=seed,
+    result = train(params, grad_fn, {"train": stream}, optimizer(phase), steps=phase.steps, seed=seed,
                    log_every=max(1, phase.steps // 20), compute_dtype=compute_dtype, progress=progress)
-    return result.params, [{"step": r["step"], "loss": r.get("loss")} for r in result.history]
+    keys = ("loss", "first_ce")
+    return result.params, [{"step": r["step"], **{k: r[k] for k in keys if k in r}} for r in result.history]
 
 
-def _step_seconds(params, cfg, stream, phase: PhaseConfig, seed: int, compute_dtype, probe_steps: int = 4) -> float:
+def _step_seconds(params, grad_fn, stream, phase: PhaseConfig, seed: int, compute_dtype, probe_steps: int = 4) -> float:
     """Measured seconds per step of `phase` (compile excluded): time of the last probe steps."""
-    from jaxdefense.train import sft_grad, train
+    from jaxdefense.train import train
 
     probe = dataclasses.replace(phase, steps=probe_steps)
-    result = train(params, sft_grad(cfg), {"train": stream}, optimizer(probe), steps=probe_steps, seed=seed,
+    result = train(params, grad_fn, {"train": stream}, optimizer(probe), steps=probe_steps, seed=seed,
                    log_every=1, compute_dtype=compute_dtype, progress=False)
     rates = [r["tokens_per_s"] for r in result.history[1:]]
     tokens = phase.batch_size * stream.max_len
@@ -278,6 +316,7 @@ def build_base(cfg_build: BaseBuildConfig, out_dir=ASSET_DIR, data_dir=None, *, 
 
     from jaxdefense.data import make_batches, train_bpe_tokenizer
     from jaxdefense.models import init_params, save_hf
+    from jaxdefense.train import sft_grad
 
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
@@ -308,17 +347,18 @@ def build_base(cfg_build: BaseBuildConfig, out_dir=ASSET_DIR, data_dir=None, *, 
 
     params = init_params(cfg, jax.random.key(cfg_build.seed))
     dtype = cfg_build.compute_dtype
+    pre_grad, al_grad = sft_grad(cfg), align_grad(cfg, cfg_build.alignment.first_token_weight)
     if minutes is not None:
-        cfg_build = _fit_budget(cfg_build, minutes, time.perf_counter() - t0, params, cfg, pre_stream,
-                                align_stream, log)
+        cfg_build = _fit_budget(cfg_build, minutes, time.perf_counter() - t0, params, (pre_grad, al_grad),
+                                pre_stream, align_stream, log)
 
     t = time.perf_counter()
-    params, pre_hist = _phase(params, cfg, pre_stream, cfg_build.pretrain, cfg_build.seed, dtype, progress)
+    params, pre_hist = _phase(params, pre_grad, pre_stream, cfg_build.pretrain, cfg_build.seed, dtype, progress)
     timings["pretrain_s"] = time.perf_counter() - t
     log(f"build-base: pretrained {cfg_build.pretrain.steps} steps ({timings['pretrain_s']:.0f} s), "
         f"loss {pre_hist[0]['loss']:.3f} → {pre_hist[-1]['loss']:.3f}")
     t = time.perf_counter()
-    params, align_hist = _phase(params, cfg, align_stream, cfg_build.align, cfg_build.seed + 1, dtype, progress)
+    params, align_hist = _phase(params, al_grad, align_stream, cfg_build.align, cfg_build.seed + 1, dtype, progress)
     timings["align_s"] = time.perf_counter() - t
     log(f"build-base: aligned {cfg_build.align.steps} steps ({timings['align_s']:.0f} s), "
         f"loss {align_hist[0]['loss']:.3f} → {align_hist[-1]['loss']:.3f}")
@@ -379,13 +419,14 @@ def _json_default(obj):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def _fit_budget(cfg_build, minutes, spent_s, params, cfg, pre_stream, align_stream, log):
+def _fit_budget(cfg_build, minutes, spent_s, params, grad_fns, pre_stream, align_stream, log):
     """Steps that fill `minutes` in total: 80 % of the remaining time pretrains, 20 % aligns,
     after a fixed reserve for evaluation and saving (measured step times, compile excluded)."""
     if minutes <= 0:
         raise ConfigError(f"--minutes: must be > 0, got {minutes}")
-    t_pre = _step_seconds(params, cfg, pre_stream, cfg_build.pretrain, cfg_build.seed, cfg_build.compute_dtype)
-    t_align = _step_seconds(params, cfg, align_stream, cfg_build.align, cfg_build.seed, cfg_build.compute_dtype)
+    t_pre = _step_seconds(params, grad_fns[0], pre_stream, cfg_build.pretrain, cfg_build.seed, cfg_build.compute_dtype)
+    t_align = _step_seconds(params, grad_fns[1], align_stream, cfg_build.align, cfg_build.seed,
+                            cfg_build.compute_dtype)
     reserve = 60.0 + 30.0  # compiles of the two real phases, evaluation, saving
     left = minutes * 60 - spent_s - reserve - 8 * (t_pre + t_align)
     if left <= 0:

@@ -106,6 +106,9 @@ def test_nonfinite_lr_stops_with_exit_2(tmp_path, capsys, tiny_config):
     assert (out / "config.yaml").is_file()
     with Checkpointer(out / "checkpoints") as ckpt:
         assert ckpt.latest_step() is None
+    # Resuming with a different config names the keys that differ (steps may change).
+    rc, err = _main(capsys, "train", "--config", tiny_config, "--out", out, "--resume")
+    assert rc == 2 and err.endswith("at optimizer.lr, optimizer.schedule, optimizer.warmup_steps")
 
 
 def _spawn(config, out, *extra, cache=None):

@@ -17,7 +17,7 @@ What the official code (ZJUWYH/seam ``src/core/trainer.py``, ``SeamTrainer``) do
 this port follows it:
 - Streams: "adversarial" (harmful prompt + harmful answer), "alignment" (the *same* prompts +
   refusals) and "benign" (benign instructions). The first two must be paired row by row and
-  padded to one length (``jaxdefense.data.pairs.paired_batches``).
+  padded to one length (``jaxdefense.data.pairs.PairedBatches``).
 - Token mask: the positions where the harmful and refusal ``input_ids`` differ. The harmful
   losses (L_ul, g_a) and L_up are masked CE over those positions (intersected with each
   sequence's real tokens and ``loss_mask``). Official harmful sequences are
@@ -34,8 +34,8 @@ this port follows it:
   lens term normalises twice; ours is pre-norm (``forward(return_hidden=True)``), so its lens
   term equals CE_final and is taken as such (one vocabulary projection fewer). The other lens
   terms run one hidden state at a time under ``jax.checkpoint`` (memory of one [B,T,V] logits;
-  measured faster than a batched form on the small config). ``unlearning="log"`` drops the lens (−log(1+CE)); ``"ascent"`` is the
-  paper's plain −CE.
+  measured faster than a batched form on the small config). ``unlearning="log"`` drops the
+  lens (−log(1+CE)); ``"ascent"`` is the paper's plain −CE.
 - g_b: CE on the benign batch over *all* real tokens (official labels = input_ids with pads
   at −100, so prompt tokens count); ``benign_full_sequence=False`` uses ``loss_mask`` instead.
 - The same batches are used at θ and at the perturbed points; no gradient clipping; the
@@ -71,7 +71,7 @@ def differing_mask(adversarial: dict, alignment: dict) -> jnp.ndarray:
     if a.shape != b.shape:
         raise DataError(
             f"SEAM streams 'adversarial' {tuple(a.shape)} and 'alignment' {tuple(b.shape)} must be "
-            "paired batches of one shape (use jaxdefense.data.pairs.paired_batches)"
+            "paired batches of one shape (use jaxdefense.data.pairs.PairedBatches)"
         )
     return (a != b).astype(jnp.float32)
 

@@ -2,11 +2,11 @@
 
 from jaxdefense.errors import CheckpointError
 from jaxdefense.models.config import ModelConfig, config_from_hf, config_to_hf, named_config
-from jaxdefense.models.decoder import (forward, init_params, lm_loss, next_token_nll, param_shapes,
-                                       token_nll)
+from jaxdefense.models.decoder import forward, init_params, lm_loss, next_token_nll, param_shapes, token_nll
 from jaxdefense.models.generate import generate, generate_text
 from jaxdefense.models.hf import load_hf, save_hf
-from jaxdefense.models.lora import lora_init, merge as lora_merge
+from jaxdefense.models.lora import lora_init
+from jaxdefense.models.lora import merge as lora_merge
 from jaxdefense.models.tokenizer import PLAIN_TEMPLATE, apply_chat, encode_prompts, load_tokenizer
 
 __all__ = [

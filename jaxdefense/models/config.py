@@ -157,7 +157,8 @@ def _rope_from_hf(hf: dict) -> tuple[float, tuple | None]:
     if rope_type == "default":
         params.pop("original_max_position_embeddings", None)
         if params:
-            raise CheckpointError(f"config.json rope_parameters: unsupported keys {sorted(params)} for rope_type default")
+            raise CheckpointError(f"config.json rope_parameters: unsupported keys {sorted(params)} "
+                                  "for rope_type default")
         return float(theta), None
     if rope_type != "llama3":
         raise CheckpointError(f"config.json rope_parameters.rope_type: {rope_type!r} is not supported "
@@ -194,7 +195,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
             raise CheckpointError(f"config.json {key}: {value!r} is not supported (only {_MUST_EQUAL[key]!r})")
     layer_types = hf.get("layer_types") or []
     if any(t != "full_attention" for t in layer_types):
-        raise CheckpointError(f"config.json layer_types: only full_attention is supported, got {sorted(set(layer_types))}")
+        raise CheckpointError("config.json layer_types: only full_attention is supported, "
+                              f"got {sorted(set(layer_types))}")
     attention_bias = bool(hf.get("attention_bias", False))
     if attention_bias:
         raise CheckpointError(f"config.json attention_bias: true (q/k/v/o biases) is not supported for {model_type}")

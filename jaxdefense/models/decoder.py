@@ -170,15 +170,19 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def logits_from_hidden(cfg: ModelConfig, params: dict, h: jax.Array) -> jax.Array:
-    """Final RMSNorm then the (possibly tied) output projection; float32 logits."""
-    h = rms_norm(h, params["final_norm"], cfg.rms_norm_eps)
+def _head(cfg: ModelConfig, params: dict, h: jax.Array) -> jax.Array:
+    """Output projection of final-normed h (tied: h @ embedᵀ, one array); float32 logits."""
     flat = h.reshape(-1, h.shape[-1])
     if cfg.tie_embeddings:
         logits = lax.dot_general(flat, params["embed"], (((1,), (1,)), ((), ())), preferred_element_type=_wide(h.dtype))
     else:
         logits = jnp.dot(flat, params["lm_head"], preferred_element_type=_wide(h.dtype))
     return logits.reshape(*h.shape[:-1], logits.shape[-1])
+
+
+def logits_from_hidden(cfg: ModelConfig, params: dict, x: jax.Array) -> jax.Array:
+    """Final RMSNorm then the (possibly tied) output projection; float32 logits."""
+    return _head(cfg, params, rms_norm(x, params["final_norm"], cfg.rms_norm_eps))
 
 
 def decoder_stack(cfg: ModelConfig, params: dict, input_ids: jax.Array, attention_mask=None, lora=None,
@@ -244,10 +248,10 @@ def _nll_from_stack(cfg: ModelConfig, params: dict, x: jax.Array, input_ids, los
     taken from gathered head columns, so the only [B,T,V] arrays are the logits and softmax."""
     dtype = _wide(x.dtype)
     targets, weights = _shifted_targets(input_ids, loss_mask, dtype)
-    logits = logits_from_hidden(cfg, params, x)
     h = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    logits = _head(cfg, params, h)
     cols = (jnp.take(params["embed"], targets, axis=0) if cfg.tie_embeddings
-            else jnp.take(params["lm_head"].T, targets, axis=0))
+            else jnp.moveaxis(jnp.take(params["lm_head"], targets, axis=1), 0, -1))
     picked = jnp.sum(h.astype(dtype) * cols.astype(dtype), axis=-1)
     return jax.nn.logsumexp(logits, axis=-1) - picked, weights
 

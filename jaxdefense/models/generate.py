@@ -18,8 +18,17 @@ from jax import lax
 
 from jaxdefense.errors import ConfigError, DataError
 from jaxdefense.models.config import ModelConfig
-from jaxdefense.models.decoder import (attend, causal_mask, dense, logits_from_hidden, mlp, positions_from_mask,
-                                       project_qkv, rms_norm, rope_table)
+from jaxdefense.models.decoder import (
+    attend,
+    causal_mask,
+    dense,
+    logits_from_hidden,
+    mlp,
+    positions_from_mask,
+    project_qkv,
+    rms_norm,
+    rope_table,
+)
 from jaxdefense.models.lora import merge
 
 PROMPT_BUCKET = 32
@@ -79,11 +88,11 @@ def _decode_step(cfg, params, tok, pos, slot, cache_k, cache_v, valid):
 
     def layer(carry, inputs):
         x, ck, cv = carry
-        p, l = inputs
+        p, layer = inputs
         q, k, v = project_qkv(cfg, p, rms_norm(x, p["attn_norm"], cfg.rms_norm_eps), rope)
-        ck = lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (l, 0, slot, 0, 0))
-        cv = lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (l, 0, slot, 0, 0))
-        k_all, v_all = lax.dynamic_index_in_dim(ck, l, 0, False), lax.dynamic_index_in_dim(cv, l, 0, False)
+        ck = lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (layer, 0, slot, 0, 0))
+        cv = lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (layer, 0, slot, 0, 0))
+        k_all, v_all = lax.dynamic_index_in_dim(ck, layer, 0, False), lax.dynamic_index_in_dim(cv, layer, 0, False)
         x = x + dense(attend(q, k_all, v_all, step_mask), p["wo"])
         return (x + mlp(p, rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)), ck, cv), None
 

@@ -83,6 +83,10 @@ def _weight_files(path: Path) -> dict[str, tuple[Path, tuple]]:
     return key_file
 
 
+def _more(keys: list) -> str:
+    return f" (+{len(keys) - 1} more)" if len(keys) > 1 else ""
+
+
 def load_hf(path, dtype=jnp.float32) -> tuple[ModelConfig, dict]:
     """(cfg, params) from a local HF directory, streamed tensor by tensor into `dtype`."""
     path = Path(path)
@@ -94,12 +98,12 @@ def load_hf(path, dtype=jnp.float32) -> tuple[ModelConfig, dict]:
     key_file = _weight_files(path)
     missing = sorted(set(expected) - set(key_file))
     if missing:
-        raise CheckpointError(f"{path}: missing tensor {missing[0]}" + (f" (+{len(missing) - 1} more)" if missing[1:] else ""))
+        raise CheckpointError(f"{path}: missing tensor {missing[0]}{_more(missing)}")
     tied_head = cfg.tie_embeddings and "lm_head.weight" in key_file
     extra = sorted(k for k in set(key_file) - set(expected) if not _HARMLESS_TENSOR.search(k)
                    and not (tied_head and k == "lm_head.weight"))
     if extra:
-        raise CheckpointError(f"{path}: unexpected tensor {extra[0]}" + (f" (+{len(extra) - 1} more)" if extra[1:] else ""))
+        raise CheckpointError(f"{path}: unexpected tensor {extra[0]}{_more(extra)}")
     for key, (_, _, _, hf_shape) in expected.items():
         if key_file[key][1] != hf_shape:
             raise CheckpointError(f"{path}: tensor {key} has shape {key_file[key][1]}, expected {hf_shape}")

@@ -48,7 +48,10 @@ def initialize(
         )
     if not 0 <= process_id < num_processes:
         raise ConfigError(f"--process-id: {process_id} is not in [0, {num_processes})")
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except (AttributeError, KeyError, ValueError):  # option renamed/removed in a later jax
+        pass
     jax.distributed.initialize(
         coordinator_address=coordinator_address,
         num_processes=num_processes,

@@ -163,7 +163,8 @@ def test_seam_lowers_held_out_gradient_cosine(params, data):
     result = train(params, method.grad, streams, optax.adam(3e-3), steps=30, log_every=10, progress=False)
     after = _held_out_cos(method, result.params, data)
     logged = [r["cos"] for r in result.history]
-    assert after < before - 0.3, (before, after, logged)
+    # measured: −0.05 → −0.95 (β = 0 ends at −0.19 on the same data)
+    assert after < before - 0.3 and after < -0.6, (before, after, logged)
     assert logged[-1] < logged[0]
 
 

@@ -133,7 +133,7 @@ def test_lora_zero_b_is_identity_and_matches_merge(params):
     with_lora = fwd(CFG, params, batch["input_ids"], lora=lora)
     assert float(jnp.abs(with_lora - base).max()) > 1e-3
     np.testing.assert_allclose(with_lora, fwd(CFG, lora_merge(params, lora), batch["input_ids"]), atol=1e-5)
-    g = jax.jit(jax.grad(lambda l: lm_loss(CFG, params, batch, lora=l)))(lora)
+    g = jax.jit(jax.grad(lambda ad: lm_loss(CFG, params, batch, lora=ad)))(lora)
     assert float(jnp.abs(g["layers"]["wq"]["a"]).max()) > 0
 
 

@@ -5,8 +5,16 @@ import numpy as np
 import pytest
 
 from jaxdefense.errors import CheckpointError
-from jaxdefense.models import (PLAIN_TEMPLATE, apply_chat, encode_prompts, generate, generate_text, init_params,
-                               load_tokenizer, named_config)
+from jaxdefense.models import (
+    PLAIN_TEMPLATE,
+    apply_chat,
+    encode_prompts,
+    generate,
+    generate_text,
+    init_params,
+    load_tokenizer,
+    named_config,
+)
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
