@@ -48,45 +48,9 @@ FLAG_VARIANTS = {
 
 
 def machine_info() -> dict:
-    try:
-        from benchmarks._common import machine_info as common_info  # shared helper, if present
+    from benchmarks._common import machine_info as common_machine_info
 
-        return common_info()
-    except ImportError:
-        pass
-    import platform
-
-    import jax
-    import jaxlib
-    import numpy
-    import optax
-
-    cpu, flags = "", []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and not cpu:
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = line.split(":", 1)[1].split()
-    except OSError:
-        pass
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "avx512_bf16": "avx512_bf16" in flags,
-        "amx_bf16": "amx_bf16" in flags,
-        "load_average": os.getloadavg(),
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "optax": optax.__version__,
-        "numpy": numpy.__version__,
-        "backend": jax.default_backend(),
-        "devices": [str(d) for d in jax.devices()],
-        "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
-        "scheduling": _scheduling(),
-    }
+    return {**common_machine_info(), "scheduling": _scheduling()}
 
 
 def _scheduling() -> str:
@@ -240,10 +204,11 @@ def main(argv=None) -> int:
         result["small_meets_goal"] = {k: v >= BASELINES_TOK_S["goal"] for k, v in small.items()}
     if args.sweep and not args.quick:
         result["xla_flags_sweep"] = sweep(max(5, repeats // 2))
+    from benchmarks._common import write_json
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train_throughput.json").write_text(json.dumps(result, indent=2))
-    print(f"wrote {out / 'train_throughput.json'}", file=sys.stderr)
+    print(f"wrote {write_json(out, 'train_throughput', result)}", file=sys.stderr)
     return 0
 
 

@@ -94,7 +94,7 @@ class CorpusConfig:
 
 @dataclasses.dataclass
 class AlignConfig:
-    refusal_fraction: float = field(1 / 3, doc="share of harmful→refusal examples in the SFT mix")
+    refusal_fraction: float = field(0.25, doc="share of harmful→refusal examples in the SFT mix")
     first_token_weight: float = field(5.0, doc="extra weight w of the first response token's CE (0: plain SFT)")
     benign_limit: int | None = None
 
@@ -119,7 +119,7 @@ class BaseBuildConfig:
     model: ModelSpec = field(ModelSpec())
     corpus: CorpusConfig = field(CorpusConfig())
     pretrain: PhaseConfig = field(PhaseConfig(steps=600, batch_size=32, lr=3e-3, warmup_steps=30))
-    align: PhaseConfig = field(PhaseConfig(steps=200, batch_size=24, lr=1e-3, warmup_steps=10, weight_decay=0.0))
+    align: PhaseConfig = field(PhaseConfig(steps=400, batch_size=24, lr=1e-3, warmup_steps=10, weight_decay=0.0))
     alignment: AlignConfig = field(AlignConfig())
     eval: EvalConfig = field(EvalConfig())
 

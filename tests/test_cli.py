@@ -12,7 +12,6 @@ import yaml
 
 from jaxdefense import cli
 from jaxdefense.data import data_root_available
-from jaxdefense.errors import ConfigError
 from jaxdefense.train import Checkpointer, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
