@@ -36,31 +36,34 @@ TARGETS = {"hvp_fwd_rev_over_grad": 2.2, "cos_exact_over_forward": 1.25}
 PROTOTYPE = {"hvp_fwd_rev_over_grad": 2.41, "cos_exact_over_forward": 1.43}
 
 
-def operations(cfg, batch_a, batch_b):
-    """{name: f(params, v)} — every op takes the params and one params-shaped tangent."""
+def operations(cfg):
+    """{name: f(params, v, batch_a, batch_b)}; batches are arguments (as in training), not constants."""
     loss = lambda p, b: lm_loss(cfg, p, b)
     logits = lambda p, b: forward(cfg, p, b["input_ids"], attention_mask=b["attention_mask"])[:, :-1]
-    mask_gn = batch_a["loss_mask"][:, 1:]
 
-    def linearized_two(p, v):
-        grad, hvp_fn = linearized_hvp(loss, p, batch_a)
+    def linearized_two(p, v, ba, bb):
+        grad, hvp_fn = linearized_hvp(loss, p, ba)
         return grad, hvp_fn(v), hvp_fn(jax.tree.map(lambda x: 2 * x, v))
 
+    def linearized_one(p, v, ba, bb):
+        grad, hvp_fn = linearized_hvp(loss, p, ba)
+        return grad, hvp_fn(v)
+
     return {
-        "value_and_grad": lambda p, v: jax.value_and_grad(loss)(p, batch_a),
-        "hvp_fwd_rev": lambda p, v: hvp(loss, p, batch_a, v, mode="fwd_rev"),
-        "hvp_rev_rev": lambda p, v: hvp(loss, p, batch_a, v, mode="rev_rev"),
-        "hvp_rev_fwd": lambda p, v: hvp(loss, p, batch_a, v, mode="rev_fwd"),
-        "linearized_grad_and_1_hvp": lambda p, v: (lambda g, f: (g, f(v)))(*linearized_hvp(loss, p, batch_a)),
+        "value_and_grad": lambda p, v, ba, bb: jax.value_and_grad(loss)(p, ba),
+        "hvp_fwd_rev": lambda p, v, ba, bb: hvp(loss, p, ba, v, mode="fwd_rev"),
+        "hvp_rev_rev": lambda p, v, ba, bb: hvp(loss, p, ba, v, mode="rev_rev"),
+        "hvp_rev_fwd": lambda p, v, ba, bb: hvp(loss, p, ba, v, mode="rev_fwd"),
+        "linearized_grad_and_1_hvp": linearized_one,
         "linearized_grad_and_2_hvp": linearized_two,
-        "gnvp": lambda p, v: gnvp(logits, p, batch_a, v, mask=mask_gn),
-        "cos_exact": lambda p, v: cosine_grad(loss, batch_a, loss, batch_b, p, estimator="exact"),
-        "cos_exact_jvp": lambda p, v: cosine_grad(loss, batch_a, loss, batch_b, p, exact_via="jvp"),
-        "cos_forward": lambda p, v: cosine_grad(loss, batch_a, loss, batch_b, p, estimator="forward", eps=1e-3),
-        "cos_central": lambda p, v: cosine_grad(loss, batch_a, loss, batch_b, p, estimator="central", eps=1e-3),
-        "lookahead_first": lambda p, v: lookahead_grad(loss, batch_b, loss, batch_a, p, 0.1, normalize=True),
-        "lookahead_exact": lambda p, v: lookahead_grad(
-            loss, batch_b, loss, batch_a, p, 0.1, normalize=True, order="exact"
+        "gnvp": lambda p, v, ba, bb: gnvp(logits, p, ba, v, mask=ba["loss_mask"][:, 1:]),
+        "cos_exact": lambda p, v, ba, bb: cosine_grad(loss, ba, loss, bb, p, estimator="exact"),
+        "cos_exact_jvp": lambda p, v, ba, bb: cosine_grad(loss, ba, loss, bb, p, exact_via="jvp"),
+        "cos_forward": lambda p, v, ba, bb: cosine_grad(loss, ba, loss, bb, p, estimator="forward", eps=1e-3),
+        "cos_central": lambda p, v, ba, bb: cosine_grad(loss, ba, loss, bb, p, estimator="central", eps=1e-3),
+        "lookahead_first": lambda p, v, ba, bb: lookahead_grad(loss, bb, loss, ba, p, 0.1, normalize=True),
+        "lookahead_exact": lambda p, v, ba, bb: lookahead_grad(
+            loss, bb, loss, ba, p, 0.1, normalize=True, order="exact"
         ),
     }
 
@@ -83,13 +86,14 @@ def measure_config(name: str, shape: dict, rounds: int, only=None) -> dict:
     batch_a = lm_batch(uniform_tokens(1, shape["batch"], shape["seq"], 0, half))
     batch_b = lm_batch(uniform_tokens(2, shape["batch"], shape["seq"], half, cfg.vocab_size))
     v = jax.tree.map(lambda x: jax.random.normal(jax.random.key(3), x.shape, x.dtype) * 0.02, params)
-    ops = operations(cfg, batch_a, batch_b)
+    ops = operations(cfg)
     keep = set(ops) if only is None else set(only) | {"value_and_grad", "cos_exact", "cos_forward"}
     jitted = {k: jax.jit(f) for k, f in ops.items() if k in keep}
-    timings = time_interleaved({k: (f, (params, v)) for k, f in jitted.items()}, rounds)
+    args = (params, v, batch_a, batch_b)
+    timings = time_interleaved({k: (f, args) for k, f in jitted.items()}, rounds)
     ratios = _ratios(timings, "median_s")
     cpu_ratios = _ratios(timings, "cpu_median_s")
-    memory = {k: compiled_memory(f, params, v) for k, f in jitted.items()}
+    memory = {k: compiled_memory(f, *args) for k, f in jitted.items()}
     grad_peak = memory["value_and_grad"].get("peak_bytes")
     memory_ratios = {
         k: m["peak_bytes"] / grad_peak for k, m in memory.items() if grad_peak and "peak_bytes" in m

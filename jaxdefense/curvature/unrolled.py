@@ -93,7 +93,7 @@ def unrolled_grad(
     def adapt(theta0):
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, acc_dtype(p.dtype)), theta0)
         (theta_k, _, _), losses = jax.lax.scan(
-            jax.checkpoint(inner_step), (theta0, zeros, zeros), jnp.arange(steps)
+            jax.checkpoint(inner_step, prevent_cse=False), (theta0, zeros, zeros), jnp.arange(steps)
         )
         return theta_k, losses
 
