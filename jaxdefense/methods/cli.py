@@ -116,17 +116,10 @@ def _tokenizer_texts(records: dict[str, list[dict]]) -> dict[str, list[dict]]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from jaxdefense.cli import add_distributed_arguments
+    from jaxdefense.train.run import add_run_arguments
 
     parser.add_argument("--method", default=None, help="defence name (overrides method.name), e.g. seam")
-    parser.add_argument("--config", default=None, help="YAML config, e.g. configs/seam_tiny.yaml")
-    parser.add_argument("--out", required=True, help="run directory")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set method.beta=1 (repeatable)")
-    parser.add_argument("--data-dir", default=None, help="data root (overrides data.dir)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_distributed_arguments(parser)
+    add_run_arguments(parser, config_help="YAML config, e.g. configs/seam_tiny.yaml", set_example="method.beta=1")
 
 
 def run(args: argparse.Namespace) -> int:

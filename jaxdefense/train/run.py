@@ -216,17 +216,23 @@ class RunDir:
 # ------------------------------------------------------------------------------- command
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_run_arguments(parser: argparse.ArgumentParser, *, config_help: str = "YAML config (see configs/)",
+                      set_example: str = "optimizer.lr=3e-4") -> None:
+    """The arguments every config-driven run command shares (train, immunize)."""
     from jaxdefense.cli import add_distributed_arguments
 
-    parser.add_argument("--config", default=None, help="YAML config (see configs/)")
+    parser.add_argument("--config", default=None, help=config_help)
     parser.add_argument("--out", required=True, help="run directory")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set optimizer.lr=3e-4 (repeatable)")
+                        help=f"override a config key, e.g. --set {set_example} (repeatable)")
     parser.add_argument("--data-dir", default=None, help="data root (overrides data.dir)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_distributed_arguments(parser)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_run_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
