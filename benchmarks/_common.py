@@ -142,20 +142,22 @@ def uniform_tokens(seed: int, batch: int, seq: int, low: int, high: int) -> np.n
     return np.random.default_rng(seed).integers(low, high, size=(batch, seq), dtype=np.int64)
 
 
-def markov_tokens(seed: int, batch: int, seq: int, vocab: int, *, table_seed: int, stay: float = 0.9) -> np.ndarray:
-    """Sequences of a sparse bigram chain: next = perm[cur] with probability `stay`, else uniform.
+def markov_tokens(seed: int, batch: int, seq: int, support: int, *, table_seed: int, offset: int = 0,
+                  stay: float = 0.9) -> np.ndarray:
+    """Token ids offset + s_t of a sparse bigram chain on {0..support−1}: s_{t+1} = perm[s_t]
+    with probability `stay`, else uniform.
 
-    Different `table_seed`s give distinct token distributions (a learnable structure whose
-    loss falls well below log V under training).
+    Different `table_seed`s (and offsets) give distinct token distributions whose loss falls
+    well below log V under training: first the support (unigram), then the bigram table.
     """
-    perm = np.random.default_rng(table_seed).permutation(vocab)
+    perm = np.random.default_rng(table_seed).permutation(support)
     rng = np.random.default_rng(seed)
     out = np.empty((batch, seq), np.int64)
-    out[:, 0] = rng.integers(0, vocab, size=batch)
+    out[:, 0] = rng.integers(0, support, size=batch)
     for t in range(1, seq):
         jump = rng.random(batch) >= stay
-        out[:, t] = np.where(jump, rng.integers(0, vocab, size=batch), perm[out[:, t - 1]])
-    return out
+        out[:, t] = np.where(jump, rng.integers(0, support, size=batch), perm[out[:, t - 1]])
+    return out + offset
 
 
 def write_json(out_dir: Path, name: str, data: dict) -> Path:

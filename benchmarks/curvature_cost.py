@@ -16,7 +16,6 @@ checked on the small config. DIR/curvature_cost.png: ratios per config.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from benchmarks._common import (
     compiled_memory,

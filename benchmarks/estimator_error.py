@@ -11,8 +11,9 @@ trained} on the tiny and small configs (--quick: tiny only, five ε, a short tra
 
 where g* is the exact gradient computed in float64 from the same float32 weights and batches
 (bf16 rows keep that truth, so they include the rounding of θ to bf16). "trained" is
-AdamW on a mixture of two synthetic bigram-chain token distributions a and b; the cosine is
-taken between a fresh batch of a and one of b.
+AdamW on a mixture of two synthetic bigram-chain token distributions, a on token ids
+[0, S) and b on [S, 2S) (S = min(V/2, 512)); the cosine is taken between a fresh batch of a
+and one of b.
 
 Theorem 1 (seed 000): ‖∇̂ − ∇‖ ≤ (ε/2)(L_a/‖g_a‖ + L_b/‖g_b‖) + O(ε²). L_a, L_b are
 measured in float64 as ‖H(θ + δu)u − H(θ)u‖/δ along the estimator's own unit directions
@@ -53,6 +54,14 @@ QUICK_TRAIN = {"tiny": dict(steps=40, lr=3e-3)}
 TABLE_SEEDS = {"a": 11, "b": 22}
 
 
+def stream_tokens(cfg, stream: str, seed: int, batch: int, seq: int) -> np.ndarray:
+    """Distribution a: a bigram chain on token ids [0, S); b: another chain on [S, 2S);
+    S = min(V/2, 512)."""
+    support = min(cfg.vocab_size // 2, 512)
+    offset = 0 if stream == "a" else support
+    return markov_tokens(seed, batch, seq, support, table_seed=TABLE_SEEDS[stream], offset=offset)
+
+
 def _flat64(tree) -> np.ndarray:
     return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
 
@@ -86,8 +95,8 @@ def train(cfg, shape, steps, lr, seed=0):
     losses = []
     for i in range(steps):
         tokens = np.concatenate([
-            markov_tokens(1000 + i, half, shape["seq"], cfg.vocab_size, table_seed=TABLE_SEEDS["a"]),
-            markov_tokens(5000 + i, shape["batch"] - half, shape["seq"], cfg.vocab_size, table_seed=TABLE_SEEDS["b"]),
+            stream_tokens(cfg, "a", 1000 + i, half, shape["seq"]),
+            stream_tokens(cfg, "b", 5000 + i, shape["batch"] - half, shape["seq"]),
         ])
         params, opt_state, value = step(params, opt_state, lm_batch(tokens))
         losses.append(float(value))
@@ -266,8 +275,8 @@ def main(argv=None):
         steps = args.train_steps if args.train_steps is not None else train_cfg.get(config, TRAIN[config])["steps"]
         trained, training[config] = train(cfg, shape, steps, train_cfg.get(config, TRAIN[config])["lr"])
         print(f"[estimator_error] {config}: trained {steps} steps at {time.perf_counter() - _T0:.0f}s", flush=True)
-        batch_a = lm_batch(markov_tokens(1, shape["batch"], shape["seq"], cfg.vocab_size, table_seed=TABLE_SEEDS["a"]))
-        batch_b = lm_batch(markov_tokens(2, shape["batch"], shape["seq"], cfg.vocab_size, table_seed=TABLE_SEEDS["b"]))
+        batch_a = lm_batch(stream_tokens(cfg, "a", 1, shape["batch"], shape["seq"]))
+        batch_b = lm_batch(stream_tokens(cfg, "b", 2, shape["batch"], shape["seq"]))
         states = {"init": init_params(cfg, jax.random.key(0)), "trained": trained}
         for state, params in states.items():
             r, b = study_state(config, state, cfg, params, batch_a, batch_b, eps_list, args.quick, precisions)

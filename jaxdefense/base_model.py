@@ -341,7 +341,6 @@ def build_base(cfg_build: BaseBuildConfig, out_dir=ASSET_DIR, data_dir=None, *, 
     align_stream = make_batches(align_records, tokenizer, batch_size=cfg_build.align.batch_size, max_len=seq,
                                 seed=cfg_build.seed + 1)
     timings["tokenize_s"] = time.perf_counter() - t
-    corpus_tokens = int(sum(sum(r.loss_mask) for r in pre_stream._rows)) if pre_stream._rows is not None else None
     log(f"build-base: {len(pre_records)} pretraining texts → {pre_stream.num_rows} packed rows of {seq}; "
         f"{len(align_records)} alignment examples ({timings['tokenize_s']:.0f} s)")
 
@@ -380,15 +379,16 @@ def build_base(cfg_build: BaseBuildConfig, out_dir=ASSET_DIR, data_dir=None, *, 
         "build_config": to_dict(cfg_build),
         "minutes_budget": minutes,
         "pretrain": {"steps": cfg_build.pretrain.steps, "packed_rows": pre_stream.num_rows,
-                     "corpus_target_tokens": corpus_tokens, "texts": len(pre_records),
-                     "texts_by_source": _count(s for s, _ in texts),
-                     "tokens_seen": cfg_build.pretrain.steps * cfg_build.pretrain.batch_size * seq,
+                     "texts": len(pre_records), "texts_by_source": _count(s for s, _ in texts),
+                     "token_slots": cfg_build.pretrain.steps * cfg_build.pretrain.batch_size * seq,
+                     "tokens_seen": tokens_seen(pre_stream, cfg_build.pretrain.steps),
                      "loss_history": pre_hist},
         "align": {"steps": cfg_build.align.steps, "examples": len(align_records),
                   "refusal_examples": sum("templated" in r for r in align_records),
-                  "tokens_seen": cfg_build.align.steps * cfg_build.align.batch_size * seq,
+                  "token_slots": cfg_build.align.steps * cfg_build.align.batch_size * seq,
+                  "tokens_seen": tokens_seen(align_stream, cfg_build.align.steps),
                   "loss_history": align_hist},
-        "eval": metrics,
+        "eval": _finite(metrics),
         "wall_time_s": timings,
         "versions": _versions(),
         "reproduce": "jaxdefense build-base --out DIR " + " ".join(
@@ -396,6 +396,9 @@ def build_base(cfg_build: BaseBuildConfig, out_dir=ASSET_DIR, data_dir=None, *, 
                                          ("align.steps", cfg_build.align.steps))),
     }
     save_hf(cfg, params, out_dir, tokenizer=tokenizer)
+    out_dir.chmod(0o755)  # save_hf writes through a private temp dir; the asset ships readable
+    for f in out_dir.iterdir():
+        f.chmod(0o644)
     (out_dir / "build_info.json").write_text(json.dumps(info, indent=2, default=_json_default) + "\n")
     size = sum(p.stat().st_size for p in out_dir.iterdir() if p.is_file())
     info["asset_bytes"] = size
@@ -404,6 +407,22 @@ def build_base(cfg_build: BaseBuildConfig, out_dir=ASSET_DIR, data_dir=None, *, 
         log(f"build-base: warning: {out_dir} is {size / 2**20:.1f} MiB (> 25 MiB); use --set save_dtype=bfloat16")
     log(f"build-base: wrote {out_dir} ({size / 2**20:.1f} MiB, {n_params:,} parameters) in {timings['total_s']:.0f} s")
     return info
+
+
+def tokens_seen(stream, steps: int) -> int:
+    """Real (non-padding) tokens in the first `steps` batches of a stream."""
+    return int(sum(int(stream.batch_at(i)["attention_mask"].sum()) for i in range(steps)))
+
+
+def _finite(x):
+    """JSON-safe copy: non-finite floats (e.g. distinct-2 without any bigram) become None."""
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
 
 
 def _count(items) -> dict:

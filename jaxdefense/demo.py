@@ -307,6 +307,19 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def curve_table(curves: dict, key: str, steps=(0, 1, 2, 3, 5, 8, 10)) -> str:
+    """Markdown: one row per attack run, `key` at the given attack steps and at the last step."""
+    last = max(c["step"] for curve in curves.values() for c in curve)
+    shown = [s for s in steps if s < last] + [last]
+    lines = ["| run | " + " | ".join(f"step {s}" for s in shown) + " |", "|---" * (len(shown) + 1) + "|"]
+    for name, curve in curves.items():
+        at = {c["step"]: c.get(key) for c in curve}
+        defence, kind, lr = name.split("|")
+        who = "SEAM" if defence == "seam" else "undefended"
+        lines.append(f"| {who} {kind} lr={lr} | " + " | ".join(_fmt(at.get(s)) for s in shown) + " |")
+    return "\n".join(lines)
+
+
 def _jsonable(x):
     if isinstance(x, float):
         return x if math.isfinite(x) else None
@@ -319,31 +332,59 @@ def _jsonable(x):
     return x
 
 
-def plots(out: Path, curves: dict, lrs, seam_history: list[dict]) -> list[str]:
+CURVE_METRICS = (("benign_nll", "benign NLL"), ("refusal_rate", "refusal rate"), ("harmful_nll", "harmful NLL"))
+
+
+def curve_grid(curves: dict, path: Path, max_step: int | None = None) -> Path:
+    """Grid of held-out metrics vs attack step: rows = metrics, columns = attack runs,
+    undefended (blue) vs SEAM (red) in every panel."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    runs = sorted({name.split("|", 1)[1] for name in curves}, key=lambda r: (r.startswith("benign"), float(r.split("|")[1])))
+    fig, axes = plt.subplots(len(CURVE_METRICS), len(runs), figsize=(3.2 * len(runs), 2.4 * len(CURVE_METRICS)),
+                             dpi=100, squeeze=False, sharex=True)
+    for col, run in enumerate(runs):
+        kind, lr = run.split("|")
+        for row, (key, label) in enumerate(CURVE_METRICS):
+            ax = axes[row][col]
+            for defence, colour, who in (("none", "tab:blue", "undefended"), ("seam", "tab:red", "SEAM")):
+                pts = [(c["step"], c.get(key)) for c in curves.get(f"{defence}|{run}", [])
+                       if c.get(key) is not None and (max_step is None or c["step"] <= max_step)]
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colour, marker="o", ms=2.5, lw=1.2,
+                            label=who)
+            if row == 0:
+                ax.set_title(f"{kind.replace('_', ' ')} lr={lr}", fontsize=9)
+            if col == 0:
+                ax.set_ylabel(label, fontsize=9)
+            if row == len(CURVE_METRICS) - 1:
+                ax.set_xlabel("attack step", fontsize=9)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("held-out metrics vs attack step" + (f" (steps 0–{max_step})" if max_step else ""), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plots(out: Path, curves: dict, seam_history: list[dict]) -> list[str]:
+    """attack_curves.png (all steps), attack_curves_early.png (steps 0–10), seam_training.png."""
     from jaxdefense.eval import plot_curves
 
-    files = []
-    for key, label in (("benign_nll", "benign NLL (held-out)"), ("refusal_rate", "refusal rate (held-out)"),
-                       ("harmful_nll", "harmful NLL (held-out)")):
-        for zoom, suffix in ((None, ""), (EARLY_STEPS, "_early")):
-            series = {}
-            for name, curve in curves.items():
-                defence, kind, lr = name.split("|")
-                pts = [(c["step"], c.get(key)) for c in curve if zoom is None or c["step"] <= zoom]
-                if pts and all(v is not None for _, v in pts):
-                    who = "SEAM" if defence == "seam" else "undefended"
-                    series[f"{who} {kind.replace('_sft', '')} lr={lr}"] = ([p[0] for p in pts], [p[1] for p in pts])
-            if series:
-                path = out / f"attack_{key}{suffix}.png"
-                plot_curves(series, path, xlabel="attack step", ylabel=label,
-                            title=f"{label} vs attack step" + (f" (steps 0–{zoom})" if zoom else ""))
-                files.append(path.name)
+    files = [curve_grid(curves, out / "attack_curves.png").name,
+             curve_grid(curves, out / "attack_curves_early.png", EARLY_STEPS).name]
     if seam_history:
         steps = [h["step"] for h in seam_history]
         series = {k: (steps, [h.get(k) for h in seam_history]) for k in ("cos", "l_up", "ce_benign", "ce_attack")
                   if all(isinstance(h.get(k), (int, float)) for h in seam_history)}
         if series:
-            plot_curves(series, out / "seam_training.png", xlabel="SEAM step", title="SEAM training (train batches)")
+            plot_curves(series, out / "seam_training.png", xlabel="SEAM step",
+                        title="SEAM training (train batches): cos(g_a, g_b) and losses")
             files.append("seam_training.png")
     return files
 
@@ -358,6 +399,9 @@ def report_markdown(report: dict) -> str:
         "Rows: defence × attack × lr. benign_nll / harmful_nll: response NLL (nats/token) on benign_instruct /"
         " harmful_qa test; refusal_rate and judge_harmful_rate on greedy generations for harmful_prompts_eval"
         " test prompts; task_accuracy: SST-2 test accuracy (the none rows: before benign SFT).", "",
+        "## Attack curves (held-out validation data, after each attack step)", "",
+        "Benign NLL:", "", curve_table(report["curves"], "benign_nll"), "",
+        "Refusal rate:", "", curve_table(report["curves"], "refusal_rate"), "",
         "## Gradient geometry (held-out batches)", "",
         f"cos(g_harmful, g_benign): before SEAM {g['cos_before']:.3f}, after SEAM {g['cos_after']:.3f}.", "",
         "## Verdicts", "",
@@ -458,7 +502,7 @@ def run_demo(cfg: DemoConfig, out, data_dir=None, *, quick: bool = False, log=pr
     lap("evaluation", t)
 
     verdict = verdicts(rows, curves, cfg.attack.harmful_lrs)
-    files = plots(out, curves, cfg.attack.harmful_lrs, seam_history)
+    files = plots(out, curves, seam_history)
     report = {
         "rows": rows,
         "geometry": {"cos_before": float(np.mean(cos_before)), "cos_after": float(np.mean(cos_after)),

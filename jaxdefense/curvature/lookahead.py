@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import jax
 
 from jaxdefense.curvature._tree import tree_cast_like, tree_lincomb, tree_norm, tree_vdot
 from jaxdefense.curvature.hvp import linearize_grad, value_and_grad

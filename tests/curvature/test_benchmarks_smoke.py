@@ -27,6 +27,7 @@ def test_curvature_cost_quick(tmp_path):
     assert (tmp_path / "curvature_cost.png").stat().st_size > 0
 
 
+@pytest.mark.slow  # seven compilations of second-order graphs, three of them float64 (~1 min of CPU)
 def test_estimator_error_quick(tmp_path):
     from benchmarks import estimator_error
 
