@@ -25,7 +25,6 @@ def test_committed_base_is_small_and_documented():
     for key in ("benign_nll", "harmful_nll", "refusal_rate", "judge_harmful_rate", "uniform_nll"):
         assert math.isfinite(info["eval"][key]), key
     slots = info["pretrain"]["steps"] * info["build_config"]["pretrain"]["batch_size"] * info["build_config"]["seq_len"]
-    assert info["pretrain"]["token_slots"] == slots
     assert 0.8 * slots < info["pretrain"]["tokens_seen"] <= slots  # packed rows: little padding
     assert info["wall_time_s"]["total_s"] > 0 and info["versions"]["jax"]
 
