@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdefense.jsonutil import to_jsonable
+
 
 def parse_args(description: str, argv=None, extra: Callable[[argparse.ArgumentParser], None] | None = None):
     """--quick and --out DIR (created), plus anything `extra` adds."""
@@ -85,7 +87,7 @@ def time_interleaved(fns: dict, rounds: int, *, warmup: int = 1) -> dict:
     """{name: {"median_s", "min_s", "times_s", "cpu_median_s", "cpu_times_s", "first_call_s"}}.
 
     fns = {name: (f, args)}. Each f is called warmup times (the first call includes
-    compilation), then all fns are called once per round, in order, for `rounds` rounds.
+    compilation unless f is already compiled), then all fns are called once per round, in order, for `rounds` rounds.
     Wall time is the figure of record; process CPU time (all threads) is kept beside it
     because on a shared machine it is less sensitive to other processes' load.
     """
@@ -109,10 +111,18 @@ def time_interleaved(fns: dict, rounds: int, *, warmup: int = 1) -> dict:
     return result
 
 
-def compiled_memory(jitted, *args) -> dict:
-    """Bytes from `jitted.lower(*args).compile().memory_analysis()`; peak = args + outputs + temps − aliased."""
+def compile_timed(jitted, *args):
+    """(`jitted.lower(*args).compile()`, seconds it took): compile once, then time and measure
+    memory on the same executable."""
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    return compiled, time.perf_counter() - start
+
+
+def compiled_memory(compiled) -> dict:
+    """Bytes from a compiled executable's `memory_analysis()`; peak = args + outputs + temps − aliased."""
     try:
-        stats = jitted.lower(*args).compile().memory_analysis()
+        stats = compiled.memory_analysis()
     except Exception as exc:  # backends without memory analysis
         return {"error": f"{type(exc).__name__}: {exc}"}
     if stats is None:
@@ -161,14 +171,7 @@ def markov_tokens(seed: int, batch: int, seq: int, support: int, *, table_seed: 
 
 
 def write_json(out_dir: Path, name: str, data: dict) -> Path:
+    """DIR/name.json via `jaxdefense.jsonutil.to_jsonable` (non-finite floats become null)."""
     path = Path(out_dir) / f"{name}.json"
-    path.write_text(json.dumps(data, indent=2, default=_json_default))
+    path.write_text(json.dumps(to_jsonable(data), indent=2, allow_nan=False))
     return path
-
-
-def _json_default(x):
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    if isinstance(x, (np.ndarray, jax.Array)):
-        return np.asarray(x).tolist()
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import jax
 
 from benchmarks._common import (
+    compile_timed,
     compiled_memory,
     lm_batch,
     machine_info,
@@ -87,12 +88,14 @@ def measure_config(name: str, shape: dict, rounds: int, only=None) -> dict:
     v = jax.tree.map(lambda x: jax.random.normal(jax.random.key(3), x.shape, x.dtype) * 0.02, params)
     ops = operations(cfg)
     keep = set(ops) if only is None else set(only) | {"value_and_grad", "cos_exact", "cos_forward"}
-    jitted = {k: jax.jit(f) for k, f in ops.items() if k in keep}
     args = (params, v, batch_a, batch_b)
-    timings = time_interleaved({k: (f, args) for k, f in jitted.items()}, rounds)
+    compiled = {k: compile_timed(jax.jit(f), *args) for k, f in ops.items() if k in keep}
+    timings = time_interleaved({k: (c, args) for k, (c, _) in compiled.items()}, rounds)
+    for k, (_, seconds) in compiled.items():
+        timings[k]["compile_s"] = seconds
     ratios = _ratios(timings, "median_s")
     cpu_ratios = _ratios(timings, "cpu_median_s")
-    memory = {k: compiled_memory(f, *args) for k, f in jitted.items()}
+    memory = {k: compiled_memory(c) for k, (c, _) in compiled.items()}
     grad_peak = memory["value_and_grad"].get("peak_bytes")
     memory_ratios = {
         k: m["peak_bytes"] / grad_peak for k, m in memory.items() if grad_peak and "peak_bytes" in m

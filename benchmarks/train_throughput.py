@@ -26,10 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 BASELINES_TOK_S = {"prototype_fp32": 2330, "prototype_bf16": 3380, "pytorch_fp32": 3140, "goal": 3900}
@@ -72,20 +70,13 @@ def _batch(cfg, batch: int, seq: int):
 
 
 def _median_time(fn, warmup: int, repeats: int) -> dict:
-    """Seconds per call after `warmup` calls: median and min wall time, median process CPU
-    time (all threads; a contention-robust measure of work), and the first call (compile)."""
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    for _ in range(warmup - 1):
-        fn()
-    wall, cpu = [], []
-    for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        wall.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
-    return {"median": statistics.median(wall), "min": min(wall), "cpu": statistics.median(cpu), "first": first}
+    """Seconds per call of fn() after `warmup` calls (`_common.time_interleaved`): median and
+    min wall time, median process CPU time (all threads; a contention-robust measure of work),
+    and the first call (compile)."""
+    from benchmarks._common import time_interleaved
+
+    t = time_interleaved({"fn": (fn, ())}, repeats, warmup=warmup)["fn"]
+    return {"median": t["median_s"], "min": t["min_s"], "cpu": t["cpu_median_s"], "first": t["first_call_s"]}
 
 
 def time_step(name: str, compute_dtype: str | None, repeats: int, warmup: int = 2) -> dict:
@@ -100,14 +91,15 @@ def time_step(name: str, compute_dtype: str | None, repeats: int, warmup: int = 
     host = _batch(cfg, shape["batch"], shape["seq"])
     batches = {"train": jax.device_put(host)}
     optimizer = optax.adamw(1e-4)
-    step = jax.jit(make_step(sft_grad(cfg), optimizer, compute_dtype), donate_argnums=(0, 1))
+    # step(params, opt_state, batches, frozen, base_key, step); SFT has no frozen tree
+    step = jax.jit(make_step(sft_grad(cfg, "train"), optimizer, compute_dtype), donate_argnums=(0, 1))
     state = {"params": init_params(cfg, jax.random.key(0))}
     state["opt"] = optimizer.init(state["params"])
     key = jax.random.key(0)
     counter = [0]
 
     def run_step():
-        out = step(state["params"], state["opt"], batches, key, counter[0])
+        out = step(state["params"], state["opt"], batches, None, key, counter[0])
         counter[0] += 1
         state["params"], state["opt"] = out[0], out[1]
         jax.block_until_ready(out[2]["loss"])

@@ -1,6 +1,7 @@
 """`jaxdefense build-base`: the small aligned base model the demo starts from (jaxdefense/assets/base).
 
-Every phase is a pure function of the build config (fixed seeds, fixed data order), so the same
+Every phase is a run of the one pipeline (`pipeline.fit` with the `sft` objective and the one
+optimiser builder) and a pure function of the build config (fixed seeds, fixed data order), so the same
 config on the same software gives the same weights:
 
 1. tokenizer — byte-level BPE (`data.train_bpe_tokenizer`, specials <pad>=0 <s>=1 </s>=2) on the
@@ -16,7 +17,7 @@ config on the same software gives the same weights:
 
 then evaluation on held-out data (benign/harmful/refusal NLL, refusal rate on held-out harmful
 prompts, over-refusal on benign prompts, judge harmful rate) and `save_hf` + tokenizer +
-build_info.json. Both training phases run in `jaxdefense.train.train` (`sft_grad`, `align_grad`).
+build_info.json.
 
 Size knobs: `configs/base.yaml` holds the default (≈ 10–15 min on a 2-core CPU). `--minutes M`
 turns the step counts into a wall-clock budget: pretrain/align steps are set from the measured
@@ -39,11 +40,13 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxdefense.config import field, load_config, to_dict
-from jaxdefense.errors import ConfigError, DataError
-
+from jaxdefense.config import OptimizerSection, field, load_config, to_dict
 from jaxdefense.data.formatting import PLAIN_TEMPLATE
+from jaxdefense.errors import ConfigError, DataError
+from jaxdefense.eval.settings import EvalSettings
+from jaxdefense.jsonutil import to_jsonable
 
+DEFAULT_OUT = "runs/base"
 ASSET_DIR = Path(__file__).resolve().parent / "assets" / "base"
 PROMPT_FORMAT = PLAIN_TEMPLATE + "{response}</s>"  # the tokenizer has no chat template: apply_chat uses this
 MAX_ASSET_BYTES = 25 * 2**20
@@ -71,13 +74,19 @@ class ModelSpec:
 class PhaseConfig:
     """One training phase: AdamW(b2=0.95) with linear warm-up then cosine decay, global-norm clip."""
 
-    steps: int = 100
-    batch_size: int = 32
-    lr: float = 1e-3
-    warmup_steps: int = 20
-    final_lr_fraction: float = 0.1
-    weight_decay: float = 0.1
-    clip_norm: float = 1.0
+    steps: int = field(100, ge=1)
+    batch_size: int = field(32, ge=1)
+    lr: float = field(1e-3, gt=0)
+    warmup_steps: int = field(20, ge=0)
+    final_lr_fraction: float = field(0.1, ge=0, le=1)
+    weight_decay: float = field(0.1, ge=0)
+    clip_norm: float = field(1.0, gt=0)
+
+    def optimizer(self) -> OptimizerSection:
+        """The phase's section for `train.optim.make_optimizer` (AdamW b1 0.9, b2 0.95, cosine)."""
+        return OptimizerSection(name="adamw", lr=self.lr, schedule="cosine", warmup_steps=self.warmup_steps,
+                                final_lr_fraction=self.final_lr_fraction, weight_decay=self.weight_decay,
+                                clip=self.clip_norm, b1=0.9, b2=0.95)
 
 
 @dataclasses.dataclass
@@ -94,19 +103,13 @@ class CorpusConfig:
 
 @dataclasses.dataclass
 class AlignConfig:
-    refusal_fraction: float = field(0.25, doc="share of harmful→refusal examples in the SFT mix")
-    first_token_weight: float = field(5.0, doc="extra weight w of the first response token's CE (0: plain SFT)")
-    benign_limit: int | None = None
+    refusal_fraction: float = field(0.25, ge=0, lt=1, doc="share of harmful→refusal examples in the SFT mix")
+    first_token_weight: float = field(5.0, ge=0, doc="extra weight w of the first response token's CE (0: plain SFT)")
+    benign_limit: int | None = field(None, ge=1)
 
 
-@dataclasses.dataclass
-class EvalConfig:
-    nll_examples: int = field(128, doc="held-out benign_instruct / harmful_qa / refusal examples for NLLs")
-    harmful_prompts: int = field(64, doc="harmful_prompts_eval test prompts for refusal rate and judge")
-    benign_prompts: int = 32
-    max_new_tokens: int = 48
-    batch_size: int = 32
-    samples: int = 4
+BASE_EVAL = EvalSettings(harmful_prompts=64, benign_prompts=32, nll_rows=128, split="test", max_new_tokens=48,
+                         max_len=128, batch_size=32, mc=[], tasks=[], samples=4)
 
 
 @dataclasses.dataclass
@@ -121,7 +124,7 @@ class BaseBuildConfig:
     pretrain: PhaseConfig = field(PhaseConfig(steps=600, batch_size=32, lr=3e-3, warmup_steps=30))
     align: PhaseConfig = field(PhaseConfig(steps=400, batch_size=24, lr=1e-3, warmup_steps=10, weight_decay=0.0))
     alignment: AlignConfig = field(AlignConfig())
-    eval: EvalConfig = field(EvalConfig())
+    eval: EvalSettings = field(BASE_EVAL)
 
 
 def model_config(spec: ModelSpec):
@@ -134,51 +137,6 @@ def model_config(spec: ModelSpec):
         tie_embeddings=spec.tie_embeddings, max_position_embeddings=spec.max_position_embeddings,
         family="llama", bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
-
-
-def optimizer(phase: PhaseConfig):
-    """clip(global norm) → AdamW(b1 .9, b2 .95) on warm-up + cosine schedule lr → lr·final_fraction."""
-    import optax
-
-    warmup = min(phase.warmup_steps, max(phase.steps - 1, 0))
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, phase.lr, warmup, max(phase.steps, warmup + 1), phase.lr * phase.final_lr_fraction)
-    return optax.chain(optax.clip_by_global_norm(phase.clip_norm),
-                       optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=phase.weight_decay))
-
-
-def align_grad(cfg, first_token_weight: float, stream: str = "train"):
-    """SFT gradient with the refuse/comply decision up-weighted:
-
-        L = CE(response tokens) + w · CE(first response token)
-
-    Greedy decoding commits to refusing or complying at the first response token, which plain
-    SFT weights by only 1/|response|; with w = 0 this is `train.sft_grad`. Metrics: loss, first_ce.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    from jaxdefense.models import forward, next_token_nll
-    from jaxdefense.train import sft_grad
-
-    if first_token_weight == 0:
-        return sft_grad(cfg, stream)
-
-    def loss_fn(params, batch):
-        logits = forward(cfg, params, batch["input_ids"], attention_mask=batch["attention_mask"])
-        nll, weights = next_token_nll(logits, batch["input_ids"], batch["loss_mask"])
-        first = ((jnp.cumsum(weights, axis=1) == 1) & (weights > 0)).astype(jnp.float32)
-        ce = jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-        first_ce = jnp.sum(nll * first) / jnp.maximum(jnp.sum(first), 1.0)
-        return ce + first_token_weight * first_ce, first_ce
-
-    def grad_fn(params, batches, key):
-        del key
-        (loss, first_ce), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batches[stream])
-        return grads, {"loss": loss, "first_ce": first_ce}
-
-    grad_fn.streams = (stream,)
-    return grad_fn
 
 
 # ---------------------------------------------------------------- corpora
@@ -243,17 +201,14 @@ def alignment_records(cfg: BaseBuildConfig, data_dir=None) -> list[dict]:
 # ---------------------------------------------------------------- evaluation
 
 
-def evaluate_base(cfg, params, tokenizer, ev: EvalConfig, seq_len: int, data_dir=None, judge=None) -> dict:
+def evaluate_base(cfg, params, tokenizer, ev: EvalSettings, data_dir=None, judge=None) -> dict:
     """`jaxdefense.eval.evaluate` (held-out benign/harmful NLL, refusal rate on held-out harmful
     prompts, over-refusal on benign prompts, judge harmful rate) plus the refusal-response NLL."""
     from jaxdefense.eval import evaluate, stream_nll
 
-    report = evaluate(cfg, params, tokenizer, data_dir=data_dir, n_prompts=ev.harmful_prompts,
-                      n_benign=ev.benign_prompts, n_nll=ev.nll_examples, mc_tasks=(), tasks=(),
-                      max_new_tokens=ev.max_new_tokens, max_len=seq_len, batch_size=ev.batch_size,
-                      judge=judge, n_samples=ev.samples)
-    report["refusal_nll"] = stream_nll(cfg, params, tokenizer, "refusal", data_dir=data_dir, n=ev.nll_examples,
-                                       max_len=seq_len, batch_size=ev.batch_size)["nll"]
+    report = evaluate(ev, cfg, params, tokenizer, data_dir=data_dir, judge=judge)
+    report["refusal_nll"] = stream_nll(cfg, params, tokenizer, "refusal", data_dir=data_dir, n=ev.nll_rows,
+                                       max_len=ev.max_len, batch_size=ev.batch_size)["nll"]
     report["uniform_nll"] = math.log(cfg.vocab_size)
     return report
 
@@ -261,24 +216,50 @@ def evaluate_base(cfg, params, tokenizer, ev: EvalConfig, seq_len: int, data_dir
 # ---------------------------------------------------------------- build
 
 
-def _phase(params, grad_fn, stream, phase: PhaseConfig, seed: int, compute_dtype, progress: bool):
-    from jaxdefense.train import train
+PHASE_SEED_OFFSET = {"pretrain": 0, "align": 1}
 
-    result = train(params, grad_fn, {"train": stream}, optimizer(phase), steps=phase.steps, seed=seed,
-                   log_every=max(1, phase.steps // 20), compute_dtype=compute_dtype, progress=progress)
+
+def phase_config(cfg_build: BaseBuildConfig, name: str, steps: int | None = None):
+    """The pipeline run config of phase `name` ("pretrain": packed raw text; "align": chat SFT)."""
+    from jaxdefense.config import DataSection, StreamSection
+    from jaxdefense.pipeline import RunConfig
+
+    phase = getattr(cfg_build, name)
+    steps = phase.steps if steps is None else steps
+    pretrain = name == "pretrain"
+    data = DataSection(batch_size=phase.batch_size, max_len=cfg_build.seq_len, template="raw" if pretrain else "chat",
+                       streams={"train": StreamSection(options={"pack": True})} if pretrain else {})
+    optimizer = dataclasses.replace(phase.optimizer(), warmup_steps=min(phase.warmup_steps, max(steps - 1, 0)))
+    return RunConfig(data=data, optimizer=optimizer, steps=steps, seed=cfg_build.seed + PHASE_SEED_OFFSET[name],
+                     log_every=max(1, steps // 20), compute_dtype=cfg_build.compute_dtype, export_hf=False)
+
+
+def phase_objective(cfg_build: BaseBuildConfig, name: str):
+    from jaxdefense.methods import SFT
+
+    return SFT() if name == "pretrain" else SFT(first_token_weight=cfg_build.alignment.first_token_weight)
+
+
+def _phase(cfg_build, name, model, tokenizer, records, progress: bool, steps: int | None = None):
+    """(params, loss history) after phase `name`, through `pipeline.fit`."""
+    from jaxdefense.pipeline import fit
+
+    result = fit(phase_config(cfg_build, name, steps), phase_objective(cfg_build, name), None, model=model,
+                 tokenizer=tokenizer, records={"train": records}, progress=progress)
     keys = ("loss", "first_ce")
-    return result.params, [{"step": r["step"], **{k: r[k] for k in keys if k in r}} for r in result.history]
+    history = [{"step": r["step"], **{k: r[k] for k in keys if k in r}} for r in result.history]
+    return result.params, history, result
 
 
-def _step_seconds(params, grad_fn, stream, phase: PhaseConfig, seed: int, compute_dtype, probe_steps: int = 4) -> float:
-    """Measured seconds per step of `phase` (compile excluded): time of the last probe steps."""
-    from jaxdefense.train import train
+def _step_seconds(cfg_build, name, model, tokenizer, records, probe_steps: int = 4) -> float:
+    """Measured seconds per step of phase `name` (compile excluded): time of the last probe steps."""
+    from jaxdefense.pipeline import fit
 
-    probe = dataclasses.replace(phase, steps=probe_steps)
-    result = train(params, grad_fn, {"train": stream}, optimizer(probe), steps=probe_steps, seed=seed,
-                   log_every=1, compute_dtype=compute_dtype, progress=False)
+    config = dataclasses.replace(phase_config(cfg_build, name, probe_steps), log_every=1)
+    result = fit(config, phase_objective(cfg_build, name), None, model=model, tokenizer=tokenizer,
+                 records={"train": records}, progress=False)
     rates = [r["tokens_per_s"] for r in result.history[1:]]
-    tokens = phase.batch_size * stream.max_len
+    tokens = getattr(cfg_build, name).batch_size * cfg_build.seq_len
     return float(np.median([tokens / r for r in rates])) if rates else 1.0
 
 
@@ -307,16 +288,15 @@ def _cast(params, dtype: str):
     return jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
 
 
-def build_base(cfg_build: BaseBuildConfig, out_dir=ASSET_DIR, data_dir=None, *, minutes: float | None = None,
+def build_base(cfg_build: BaseBuildConfig, out_dir=DEFAULT_OUT, data_dir=None, *, minutes: float | None = None,
                progress: bool = False, evaluate: bool = True, log=print) -> dict:
     """Tokenizer → pretrain → align → evaluate → save; returns the build_info dict."""
     import tempfile
 
     import jax
 
-    from jaxdefense.data import make_batches, train_bpe_tokenizer
+    from jaxdefense.data import train_bpe_tokenizer
     from jaxdefense.models import init_params, save_hf
-    from jaxdefense.train import sft_grad
 
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
@@ -335,29 +315,26 @@ def build_base(cfg_build: BaseBuildConfig, out_dir=ASSET_DIR, data_dir=None, *, 
     seq = cfg_build.seq_len
     pre_records = [{"prompt": "", "response": t, "source": s, "id": f"{s}:{i}"} for i, (s, t) in enumerate(texts)]
     t = time.perf_counter()
-    pre_stream = make_batches(pre_records, tokenizer, batch_size=cfg_build.pretrain.batch_size, max_len=seq,
-                              seed=cfg_build.seed, template="raw", pack=True)
     align_records = alignment_records(cfg_build, data_dir)
-    align_stream = make_batches(align_records, tokenizer, batch_size=cfg_build.align.batch_size, max_len=seq,
-                                seed=cfg_build.seed + 1)
+    pre_stream = phase_stream(cfg_build, "pretrain", tokenizer, pre_records)
+    align_stream = phase_stream(cfg_build, "align", tokenizer, align_records)
     timings["tokenize_s"] = time.perf_counter() - t
     log(f"build-base: {len(pre_records)} pretraining texts → {pre_stream.num_rows} packed rows of {seq}; "
         f"{len(align_records)} alignment examples ({timings['tokenize_s']:.0f} s)")
 
     params = init_params(cfg, jax.random.key(cfg_build.seed))
-    dtype = cfg_build.compute_dtype
-    pre_grad, al_grad = sft_grad(cfg), align_grad(cfg, cfg_build.alignment.first_token_weight)
+    phase_records = {"pretrain": pre_records, "align": align_records}
     if minutes is not None:
-        cfg_build = _fit_budget(cfg_build, minutes, time.perf_counter() - t0, params, (pre_grad, al_grad),
-                                pre_stream, align_stream, log)
+        cfg_build = _fit_budget(cfg_build, minutes, time.perf_counter() - t0, (cfg, params), tokenizer,
+                                phase_records, log)
 
     t = time.perf_counter()
-    params, pre_hist = _phase(params, pre_grad, pre_stream, cfg_build.pretrain, cfg_build.seed, dtype, progress)
+    params, pre_hist, _ = _phase(cfg_build, "pretrain", (cfg, params), tokenizer, pre_records, progress)
     timings["pretrain_s"] = time.perf_counter() - t
     log(f"build-base: pretrained {cfg_build.pretrain.steps} steps ({timings['pretrain_s']:.0f} s), "
         f"loss {pre_hist[0]['loss']:.3f} → {pre_hist[-1]['loss']:.3f}")
     t = time.perf_counter()
-    params, align_hist = _phase(params, al_grad, align_stream, cfg_build.align, cfg_build.seed + 1, dtype, progress)
+    params, align_hist, _ = _phase(cfg_build, "align", (cfg, params), tokenizer, align_records, progress)
     timings["align_s"] = time.perf_counter() - t
     log(f"build-base: aligned {cfg_build.align.steps} steps ({timings['align_s']:.0f} s), "
         f"loss {align_hist[0]['loss']:.3f} → {align_hist[-1]['loss']:.3f}")
@@ -366,7 +343,7 @@ def build_base(cfg_build: BaseBuildConfig, out_dir=ASSET_DIR, data_dir=None, *, 
     metrics = {}
     if evaluate:
         t = time.perf_counter()
-        metrics = evaluate_base(cfg, _cast(params, "float32"), tokenizer, cfg_build.eval, seq, data_dir)
+        metrics = evaluate_base(cfg, _cast(params, "float32"), tokenizer, cfg_build.eval, data_dir)
         timings["eval_s"] = time.perf_counter() - t
         log("build-base: " + ", ".join(f"{k} {metrics[k]:.3f}" for k in SUMMARY_KEYS if k in metrics))
 
@@ -388,7 +365,7 @@ def build_base(cfg_build: BaseBuildConfig, out_dir=ASSET_DIR, data_dir=None, *, 
                   "token_slots": cfg_build.align.steps * cfg_build.align.batch_size * seq,
                   "tokens_seen": tokens_seen(align_stream, cfg_build.align.steps),
                   "loss_history": align_hist},
-        "eval": _finite(metrics),
+        "eval": to_jsonable(metrics),
         "wall_time_s": timings,
         "versions": _versions(),
         "reproduce": "jaxdefense build-base --out DIR " + " ".join(
@@ -399,10 +376,10 @@ def build_base(cfg_build: BaseBuildConfig, out_dir=ASSET_DIR, data_dir=None, *, 
     out_dir.chmod(0o755)  # save_hf writes through a private temp dir; the asset ships readable
     for f in out_dir.iterdir():
         f.chmod(0o644)
-    (out_dir / "build_info.json").write_text(json.dumps(info, indent=2, default=_json_default) + "\n")
+    (out_dir / "build_info.json").write_text(json.dumps(to_jsonable(info), indent=2) + "\n")
     size = sum(p.stat().st_size for p in out_dir.iterdir() if p.is_file())
     info["asset_bytes"] = size
-    (out_dir / "build_info.json").write_text(json.dumps(info, indent=2, default=_json_default) + "\n")
+    (out_dir / "build_info.json").write_text(json.dumps(to_jsonable(info), indent=2) + "\n")
     if size > MAX_ASSET_BYTES and out_dir.resolve() == ASSET_DIR.resolve():
         log(f"build-base: warning: {out_dir} is {size / 2**20:.1f} MiB (> 25 MiB); use --set save_dtype=bfloat16")
     log(f"build-base: wrote {out_dir} ({size / 2**20:.1f} MiB, {n_params:,} parameters) in {timings['total_s']:.0f} s")
@@ -414,17 +391,6 @@ def tokens_seen(stream, steps: int) -> int:
     return int(sum(int(stream.batch_at(i)["attention_mask"].sum()) for i in range(steps)))
 
 
-def _finite(x):
-    """JSON-safe copy: non-finite floats (e.g. distinct-2 without any bigram) become None."""
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
-
-
 def _count(items) -> dict:
     out: dict = {}
     for item in items:
@@ -432,20 +398,13 @@ def _count(items) -> dict:
     return out
 
 
-def _json_default(obj):
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def _fit_budget(cfg_build, minutes, spent_s, params, grad_fns, pre_stream, align_stream, log):
+def _fit_budget(cfg_build, minutes, spent_s, model, tokenizer, records, log):
     """Steps that fill `minutes` in total: 80 % of the remaining time pretrains, 20 % aligns,
     after a fixed reserve for evaluation and saving (measured step times, compile excluded)."""
     if minutes <= 0:
         raise ConfigError(f"--minutes: must be > 0, got {minutes}")
-    t_pre = _step_seconds(params, grad_fns[0], pre_stream, cfg_build.pretrain, cfg_build.seed, cfg_build.compute_dtype)
-    t_align = _step_seconds(params, grad_fns[1], align_stream, cfg_build.align, cfg_build.seed,
-                            cfg_build.compute_dtype)
+    t_pre = _step_seconds(cfg_build, "pretrain", model, tokenizer, records["pretrain"])
+    t_align = _step_seconds(cfg_build, "align", model, tokenizer, records["align"])
     reserve = 60.0 + 30.0  # compiles of the two real phases, evaluation, saving
     left = minutes * 60 - spent_s - reserve - 8 * (t_pre + t_align)
     if left <= 0:
@@ -462,11 +421,21 @@ def _fit_budget(cfg_build, minutes, spent_s, params, grad_fns, pre_stream, align
                                   warmup_steps=min(cfg_build.align.warmup_steps, align_steps // 10 + 1)))
 
 
+def phase_stream(cfg_build, name: str, tokenizer, records):
+    """The "train" stream phase `name` trains on (the one `pipeline.fit` builds), for build_info."""
+    from jaxdefense.data.specs import build_streams, resolve_streams
+
+    config = phase_config(cfg_build, name)
+    resolved = resolve_streams(phase_objective(cfg_build, name).streams(), config.data, name)
+    return build_streams(resolved, {"train": records}, tokenizer, config.seed)["train"]
+
+
 # ---------------------------------------------------------------- CLI
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default=str(ASSET_DIR), help="output HF directory (default: the embedded asset)")
+    parser.add_argument("--out", default=DEFAULT_OUT,
+                        help=f"output HF directory (default {DEFAULT_OUT}; copy it to jaxdefense/assets/base to ship it)")
     parser.add_argument("--data-dir", default=None, help="data root (default: $JAXDEFENSE_DATA_DIR or ../shared/data)")
     parser.add_argument("--config", default=None, help="YAML build config (default: built-in = configs/base.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -481,10 +450,6 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, BaseBuildConfig, args.overrides)
     if args.minutes is not None and not args.minutes > 0:
         raise ConfigError(f"--minutes: must be > 0, got {args.minutes}")
-    for name in ("pretrain", "align"):
-        phase = getattr(cfg, name)
-        if phase.steps < 1 or phase.batch_size < 1 or not phase.lr > 0:
-            raise ConfigError(f"{name}: steps, batch_size and lr must be positive")
     build_base(cfg, args.out, args.data_dir, minutes=args.minutes, progress=args.progress,
                evaluate=not args.no_eval)
     return 0

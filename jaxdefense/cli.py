@@ -1,10 +1,10 @@
 """`jaxdefense` entry point.
 
-Subcommands live in a registry: name → `Command(help, module)`, where `module` defines
-`add_arguments(parser)` and `run(args) -> int | None`. Only the chosen command's module is
-imported. A module that does not exist yet (or lacks `run`) makes the command print
-"not yet available" and exit 1, so other packages add a command by creating their module,
-or by calling `register(...)` (e.g. from a plugin) — no if/else here.
+Subcommands live in a registry: name → `Command(help, module, prefix)`, where `module` defines
+`<prefix>_arguments(parser)` and `<prefix>_command(args) -> int | None` (prefix defaults to
+`add`/`run` style names `add_arguments` and `run`). Only the chosen command's module is
+imported. A module that does not exist yet (or lacks the function) makes the command print
+"not yet available" and exit 1; a plugin adds a command with `register(...)` — no if/else here.
 
 Errors: a `JaxDefenseError` becomes one line "error: ..." on stderr and exit code 2.
 """
@@ -25,16 +25,17 @@ from jaxdefense.errors import JaxDefenseError
 class Command:
     help: str
     module: str | None = None
+    prefix: str | None = None
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
     run: Callable[[argparse.Namespace], int | None] | None = None
 
 
 COMMANDS: dict[str, Command] = {
-    "train": Command("plain SFT of a model on data streams (one training loop)", "jaxdefense.train.run"),
+    "train": Command("plain SFT of a model on data streams (one training loop)", "jaxdefense.commands", "train"),
     "data": Command("inspect, list or prepare data sources and streams", "jaxdefense.data.cli"),
-    "immunize": Command("immunise a model with a defence", "jaxdefense.methods.cli"),
-    "attack": Command("fine-tuning attacks on a (defended) model", "jaxdefense.attacks.cli"),
-    "eval": Command("evaluate harmfulness, utility and collapse", "jaxdefense.eval.cli"),
+    "immunize": Command("immunise a model with a defence", "jaxdefense.commands", "immunize"),
+    "attack": Command("fine-tuning attacks on a (defended) model", "jaxdefense.commands", "attack"),
+    "eval": Command("evaluate harmfulness, over-refusal, utility and collapse", "jaxdefense.commands", "eval"),
     "demo": Command("end-to-end demo: immunise, attack, evaluate, report", "jaxdefense.demo"),
     "build-base": Command("build the small aligned base model used by the demo", "jaxdefense.base_model"),
 }
@@ -49,7 +50,7 @@ def register(
     run: Callable[[argparse.Namespace], int | None] | None = None,
 ) -> None:
     """Add or replace a subcommand: either a module path or (add_arguments, run) functions."""
-    COMMANDS[name] = Command(help, module, add_arguments, run)
+    COMMANDS[name] = Command(help, module, None, add_arguments, run)
 
 
 def _load(command: Command) -> tuple[Callable | None, Callable | None]:
@@ -63,15 +64,9 @@ def _load(command: Command) -> tuple[Callable | None, Callable | None]:
         if e.name is not None and command.module.startswith(e.name):
             return None, None
         raise
-    return getattr(mod, "add_arguments", None), getattr(mod, "run", None)
-
-
-def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
-    """Multi-process flags (also read from JAXDEFENSE_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID)."""
-    group = parser.add_argument_group("multi-process (jax.distributed)")
-    group.add_argument("--coordinator-address", default=None, help="host:port of process 0")
-    group.add_argument("--num-processes", type=int, default=None)
-    group.add_argument("--process-id", type=int, default=None)
+    if command.prefix is None:
+        return getattr(mod, "add_arguments", None), getattr(mod, "run", None)
+    return getattr(mod, f"{command.prefix}_arguments", None), getattr(mod, f"{command.prefix}_command", None)
 
 
 def build_parser(selected: str | None = None) -> tuple[argparse.ArgumentParser, dict]:

@@ -52,9 +52,26 @@ def yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
-def field(default: Any = _MISSING, *, choices: Sequence[Any] | None = None, doc: str = "", **kw):
-    """`dataclasses.field` with `choices` and `doc` metadata; mutable defaults are copied."""
-    metadata = {"choices": tuple(choices) if choices is not None else None, "doc": doc}
+_BOUNDS = {"ge": (lambda v, b: v >= b, ">="), "gt": (lambda v, b: v > b, ">"),
+           "le": (lambda v, b: v <= b, "<="), "lt": (lambda v, b: v < b, "<")}
+
+
+def field(default: Any = _MISSING, *, choices: Sequence[Any] | None = None, doc: str = "",
+          ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None,
+          registry: str | None = None, internal: bool = False, **kw):
+    """`dataclasses.field` with config metadata; mutable defaults are copied.
+
+    Args:
+      choices: allowed values. doc: one line of help.
+      ge, gt, le, lt: bounds checked by `from_dict` (a None value is not checked).
+      registry: "method" | "attack": the value is a mapping whose `name` picks a registered
+        dataclass (see `jaxdefense.registry`), the other keys are its fields.
+      internal: not a config key (e.g. a method's bound ModelConfig): `from_dict` rejects it,
+        `to_dict` leaves it out.
+    """
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    metadata = {"choices": tuple(choices) if choices is not None else None, "doc": doc, "bounds": bounds,
+                "registry": registry, "internal": internal}
     if isinstance(default, (dict, list)) or dataclasses.is_dataclass(default):
         value = default
         return dataclasses.field(default_factory=lambda: _copy(value), metadata=metadata, **kw)
@@ -148,10 +165,62 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     return value
 
 
+def _config_fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls) if f.init and not f.metadata.get("internal")}
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not _MISSING:
+        return f.default
+    if f.default_factory is not _MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return _MISSING
+
+
+def _merge(default: Any, value: Any) -> Any:
+    """`value` laid over a dataclass default's own data, so a partial section keeps the parent's defaults."""
+    if not (isinstance(value, Mapping) and dataclasses.is_dataclass(default) and not isinstance(default, type)):
+        return value
+    base = to_dict(default)
+    if "name" in base and "name" in value and value["name"] != base["name"]:
+        return value
+    out = dict(base)
+    for k, v in value.items():
+        sub = getattr(default, k, None) if k in base else None
+        out[k] = _merge(sub, v) if dataclasses.is_dataclass(sub) else v
+    return out
+
+
+def check_bounds(key: str, value: Any, bounds: Mapping[str, float]) -> None:
+    """ConfigError "key: must be > 0, got -1" when a number breaks a bound."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    for kind, bound in bounds.items():
+        ok, sign = _BOUNDS[kind]
+        if not ok(value, bound):
+            raise ConfigError(f"{key}: must be {sign} {bound:g}, got {value:g}")
+
+
+def _registered(kind: str, value: Any, key: str) -> Any:
+    from jaxdefense.registry import REGISTRIES
+
+    if value is None:
+        return None
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return value
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key}: expected a mapping with a 'name', got {value!r}")
+    rest = dict(value)
+    name = rest.pop("name", None)
+    if not isinstance(name, str):
+        raise ConfigError(f"{key}.name: required (known: {', '.join(REGISTRIES[kind].names())})")
+    return from_dict(REGISTRIES[kind].get(name, key=f"{key}.name"), rest, key)
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
-    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
+    """Build dataclass `cls` from a mapping, rejecting unknown keys, wrong types and values out of range."""
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = _config_fields(cls)
     dotted = (lambda k: f"{prefix}.{k}") if prefix else (lambda k: k)
     for k in data:
         if k not in fields:
@@ -160,22 +229,25 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     kwargs = {}
     for name, f in fields.items():
         key = dotted(name)
+        default = _default_of(f)
+        kind = f.metadata.get("registry")
         if name in data:
-            value = _convert(hints[name], data[name], key)
-        elif f.default is not _MISSING:
-            value = f.default
-        elif f.default_factory is not _MISSING:  # type: ignore[misc]
-            value = f.default_factory()  # type: ignore[misc]
+            raw = _merge(default, data[name])
+            value = _registered(kind, raw, key) if kind else _convert(hints[name], raw, key)
+        elif default is not _MISSING:
+            value = default
         else:
             raise ConfigError(f"{key}: required key is missing")
         choices = f.metadata.get("choices")
         if choices is not None and value is not None and value not in choices:
             raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+        check_bounds(key, value, f.metadata.get("bounds") or {})
         kwargs[name] = value
     try:
         obj = cls(**kwargs)
-    except ConfigError:
-        raise
+    except ConfigError as e:
+        message = str(e)
+        raise ConfigError(message if not prefix or message.startswith(prefix) else f"{prefix}: {message}") from e
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{prefix or cls.__name__}: {e}") from e
     return obj
@@ -184,7 +256,10 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
 def to_dict(obj: Any) -> Any:
     """Plain data (dicts, lists, scalars) for a config tree; YAML-safe."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        out = {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+               if not f.metadata.get("internal")}
+        registered = getattr(type(obj), "registered_name", None)
+        return {"name": registered, **out} if registered else out
     if isinstance(obj, Mapping):
         return {k: to_dict(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -245,11 +320,17 @@ def load_config(
     path: str | Path | None, schema: type[T], overrides: Sequence[str] = (), base: Mapping | None = None
 ) -> T:
     """Read `path` (or start from `base`/defaults), apply overrides, validate into `schema`."""
-    data = dict(base or {})
-    if path is not None:
-        data.update(read_yaml(path))
+    data = deep_merge(base or {}, read_yaml(path)) if path is not None else _copy(dict(base or {}))
     data = apply_overrides(data, overrides)
     return from_dict(schema, data)
+
+
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict:
+    """`over` laid over `base`, mapping by mapping (a value that is not a mapping replaces)."""
+    out = _copy(dict(base))
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else _copy(v)
+    return out
 
 
 def dump_yaml(obj: Any, path: str | Path) -> None:
@@ -268,10 +349,10 @@ def diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Sections shared by every run config (train, immunize, attack, ...). Extend `RunConfig` by
-# subclassing and adding fields (e.g. `method: dict[str, Any]`).
+# Sections shared by every run config; `jaxdefense.schema.RunConfig` composes them.
 
 DTYPES = ("float32", "bfloat16", "float16")
+HALVES = ("all", "defender", "attacker")
 
 
 @dataclasses.dataclass
@@ -279,23 +360,26 @@ class ModelSection:
     """Exactly one of `name` (a named config, random init from `seed`) or `path` (an HF dir)."""
 
     name: str | None = field(None, doc="named config: tiny, small, ... (random init)")
-    path: str | None = field(None, doc="local Hugging Face checkpoint directory")
+    path: str | None = field(None, doc="local Hugging Face checkpoint directory (or an immunize/attack run dir)")
     dtype: str = field("float32", choices=DTYPES, doc="dtype of the master params")
     overrides: dict[str, Any] = field({}, doc="ModelConfig field overrides for a named config")
 
     def __post_init__(self):
         if (self.name is None) == (self.path is None):
-            raise ConfigError("model: give exactly one of model.name (named config) or model.path (HF dir)")
+            raise ConfigError("give exactly one of model.name (named config) or model.path (HF dir)")
 
 
 @dataclasses.dataclass
 class StreamSection:
-    source: str = field(doc="data stream/source name, e.g. benign_instruct")
-    split: str = field("train", doc="split of the source")
-    batch_size: int = field(8)
-    max_len: int = field(64, doc="tokens per row (padded/truncated)")
-    limit: int | None = field(None, doc="use only the first N records of the split (fixed shuffle)")
-    options: dict[str, Any] = field({}, doc="extra make_batches options: template, pack, shuffle")
+    """Run settings of one data stream; None keeps what the method's spec (or `data`) says."""
+
+    source: str | None = field(None, doc="data stream/source name, e.g. benign_instruct (default: the spec's)")
+    split: str | None = field(None, choices=("train", "validation", "test", "all"))
+    half: str | None = field(None, choices=HALVES, doc="defender/attacker half of the prompts")
+    batch_size: int | None = field(None, ge=1)
+    max_len: int | None = field(None, ge=2, doc="tokens per row (padded/truncated)")
+    limit: int | None = field(None, ge=1, doc="use only the first N records of the split (fixed shuffle)")
+    options: dict[str, Any] = field({}, doc="extra make_batches options: pack, shuffle")
 
 
 @dataclasses.dataclass
@@ -304,47 +388,44 @@ class DataSection:
         None, doc='tokenizer dir/file, or "bpe:<vocab>" to train a tiny BPE on the streams; default: model.path'
     )
     dir: str | None = field(None, doc="data root (else --data-dir, $JAXDEFENSE_DATA_DIR, ../shared/data)")
-    streams: dict[str, StreamSection] = field({})
+    batch_size: int = field(8, ge=1, doc="rows per step of every stream (streams.<name>.batch_size overrides)")
+    max_len: int = field(64, ge=2, doc="tokens per row of every stream")
+    template: str = field("chat", doc="prompt template (see data.formatting)")
+    streams: dict[str, StreamSection] = field({}, doc="per-stream settings, keyed by the method's stream names")
 
 
 @dataclasses.dataclass
 class OptimizerSection:
+    """optax optimiser: (warm-up then) constant / cosine / linear decay to final_lr_fraction·lr."""
+
     name: str = field("adamw", choices=("adamw", "adam", "sgd"))
-    lr: float = field(1e-3)
+    lr: float = field(1e-3, gt=0)
     schedule: str = field("constant", choices=("constant", "cosine", "linear"))
-    warmup_steps: int = field(0)
-    weight_decay: float = field(0.0)
-    clip: float | None = field(1.0, doc="global-norm gradient clipping (null: none)")
-    b1: float = field(0.9)
-    b2: float = field(0.999)
-    eps: float = field(1e-8)
-    momentum: float | None = field(None, doc="sgd momentum")
+    warmup_steps: int = field(0, ge=0)
+    final_lr_fraction: float = field(0.0, ge=0, le=1, doc="decayed schedules end at this fraction of lr")
+    weight_decay: float = field(0.0, ge=0)
+    clip: float | None = field(1.0, gt=0, doc="global-norm gradient clipping (null: none)")
+    b1: float = field(0.9, ge=0, lt=1)
+    b2: float = field(0.999, ge=0, lt=1)
+    eps: float = field(1e-8, gt=0)
+    momentum: float | None = field(None, ge=0, lt=1, doc="sgd momentum")
+
+    def __post_init__(self):
+        if self.name == "adam" and self.weight_decay:
+            raise ConfigError("optimizer.weight_decay: adam has no weight decay; use adamw")
 
 
 @dataclasses.dataclass
 class MeshSection:
-    data: int = field(1)
-    fsdp: int = field(1)
-    tensor: int = field(1)
+    data: int = field(1, ge=1)
+    fsdp: int = field(1, ge=1)
+    tensor: int = field(1, ge=1)
 
 
 @dataclasses.dataclass
-class RunConfig:
-    """Everything `jaxdefense train` needs; other commands subclass it."""
+class LoraSection:
+    """LoRA over whatever trains (method or attack): rank 0 trains every parameter."""
 
-    model: ModelSection = field(ModelSection(name="tiny"))
-    data: DataSection = field(DataSection())
-    optimizer: OptimizerSection = field(OptimizerSection())
-    mesh: MeshSection = field(MeshSection())
-    steps: int = field(100)
-    ckpt_every: int = field(0, doc="checkpoint every N steps (0: only at the end)")
-    log_every: int = field(10)
-    seed: int = field(0)
-    compute_dtype: str | None = field(None, choices=DTYPES, doc="e.g. bfloat16: cast params inside the step")
-
-    def __post_init__(self):
-        for key in ("steps", "ckpt_every"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
-        if self.log_every < 1:
-            raise ConfigError(f"log_every: must be >= 1, got {self.log_every}")
+    rank: int = field(0, ge=0, doc="0: full-parameter; r > 0: adapters of rank r, the base frozen")
+    alpha: float = field(16.0, gt=0)
+    targets: tuple[str, ...] = field(("wq", "wv"), doc="adapted weights")

@@ -19,7 +19,7 @@ from jaxdefense.data.batching import (
     truncate,
 )
 from jaxdefense.data.bpe import load_gpt2_tokenizer, train_bpe_tokenizer
-from jaxdefense.data.formatting import PLAIN_TEMPLATE, format_prompt
+from jaxdefense.data.formatting import PLAIN_TEMPLATE, apply_chat, encode_prompts, format_prompt
 from jaxdefense.data.root import data_root_available, resolve_data_root
 from jaxdefense.data.sources import SOURCES, Source, get_source, is_refusal, load_source, normalize_text, register_source
 from jaxdefense.data.streams import (
@@ -38,9 +38,9 @@ from jaxdefense.data.tasks import TASKS, accuracy, gsm8k_final_number, mc_accura
 
 __all__ = [
     "BatchStream", "Encoded", "PLAIN_TEMPLATE", "SOURCES", "SPLITS", "SPLIT_RATIOS", "STREAMS", "Source", "TASKS",
-    "accuracy", "batches_at", "clear_cache", "collate", "data_root_available", "encode_example", "format_prompt",
-    "get_source", "gsm8k_final_number", "hash_split", "is_refusal", "list_sources", "list_streams",
-    "load_gpt2_tokenizer", "load_source", "load_stream", "make_batches", "mc_accuracy", "mc_pairs",
-    "normalize_text", "pack_examples", "prompt_bucket", "register_source", "resolve_data_root", "split_sizes",
-    "stream_seed", "train_bpe_tokenizer", "truncate",
+    "accuracy", "apply_chat", "batches_at", "clear_cache", "collate", "data_root_available", "encode_example",
+    "encode_prompts", "format_prompt", "get_source", "gsm8k_final_number", "hash_split", "is_refusal",
+    "list_sources", "list_streams", "load_gpt2_tokenizer", "load_source", "load_stream", "make_batches",
+    "mc_accuracy", "mc_pairs", "normalize_text", "pack_examples", "prompt_bucket", "register_source",
+    "resolve_data_root", "split_sizes", "stream_seed", "train_bpe_tokenizer", "truncate",
 ]

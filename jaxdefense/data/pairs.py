@@ -43,18 +43,19 @@ def split_half(records: Sequence[dict], half: str) -> list[dict]:
     return [r for r in records if (prompt_bucket(r["prompt"]) < DEFENDER_CUT) == defender]
 
 
-def pair_records(harmful: Sequence[dict], refusals: Sequence[dict]) -> list[dict]:
-    """Harmful records that have a refusal for the same (normalised) prompt, as
-    {prompt, response (harmful), refusal, id, source, refusal_source}; first refusal wins."""
+def pair_records(primary: Sequence[dict], partners: Sequence[dict]) -> list[dict]:
+    """Primary records that have a partner record for the same (normalised) prompt, as
+    {prompt, response (primary), paired (partner's response), id, source, paired_source, category};
+    the first partner of a prompt wins."""
     by_prompt: dict[str, dict] = {}
-    for r in refusals:
+    for r in partners:
         by_prompt.setdefault(normalize_text(r["prompt"]), r)
     out = []
-    for h in harmful:
+    for h in primary:
         r = by_prompt.get(normalize_text(h["prompt"]))
         if r is not None and h.get("response") and r.get("response"):
-            out.append({"prompt": h["prompt"], "response": h["response"], "refusal": r["response"],
-                        "id": h.get("id"), "source": h.get("source"), "refusal_source": r.get("source"),
+            out.append({"prompt": h["prompt"], "response": h["response"], "paired": r["response"],
+                        "id": h.get("id"), "source": h.get("source"), "paired_source": r.get("source"),
                         "category": h.get("category")})
     return out
 
@@ -107,7 +108,7 @@ class PairedBatches:
     def example(self, index: int) -> tuple[Encoded, Encoded]:
         if index not in self._cache:
             p = self.pairs[index]
-            self._cache[index] = encode_pair(self.tokenizer, p["prompt"], p["response"], p["refusal"],
+            self._cache[index] = encode_pair(self.tokenizer, p["prompt"], p["response"], p["paired"],
                                              self.max_len, self.template)
         return self._cache[index]
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from jaxdefense.data import readers
+from jaxdefense.data.refusal import REFUSAL_WINDOW, is_refusal
 from jaxdefense.data.root import resolve_data_root
 from jaxdefense.errors import DataError
 
@@ -27,6 +28,7 @@ REFUSAL = "refusal"
 BENIGN_INSTRUCT = "benign_instruct"
 HARMFUL_PROMPTS_EVAL = "harmful_prompts_eval"
 XSTEST = "xstest"
+HARM_LABELLED = "harm_labelled"
 SST2, AG_NEWS, GSM8K = "sst2", "ag_news", "gsm8k"
 MC_STREAMS = ("mmlu", "arc_easy", "arc_challenge", "piqa", "openbookqa", "winogrande", "boolq", "siqa")
 
@@ -118,16 +120,6 @@ def clear_cache() -> None:
 
 # ---------------------------------------------------------------- text helpers
 
-_REFUSAL_MARKERS = (
-    "i'm sorry", "i am sorry", "i apologize", "i apologise", "as an ai", "as a language model",
-    "as an assistant", "i cannot", "i can't", "i can not", "i am unable", "i'm unable",
-    "i am not able", "i'm not able", "i will not", "i won't", "i'm not going to", "i am not going to",
-    "it is not possible", "it's not possible", "it is not appropriate", "it's not appropriate",
-    "i must decline", "i'm just an ai", "sorry, i", "sorry, but", "no, i cannot", "i do not feel comfortable",
-    "i don't feel comfortable", "is illegal and unethical",
-)
-
-
 def normalize_text(text: str) -> str:
     """NFKC, curly quotes → straight, lower case, whitespace collapsed: the key prompts are split by."""
     text = unicodedata.normalize("NFKC", text)
@@ -135,10 +127,9 @@ def normalize_text(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def is_refusal(text: str, head_chars: int = 200) -> bool:
-    """Substring refusal check on the opening `head_chars` characters (refusal_direction's list, extended)."""
-    head = normalize_text(text)[:head_chars]
-    return any(marker in head for marker in _REFUSAL_MARKERS)
+def _opens_as_refusal(text: str, window: int = REFUSAL_WINDOW) -> bool:
+    """The registry's filter: the one refusal matcher on the reply's first `window` characters."""
+    return is_refusal(text, window=window)
 
 
 def _clean(text) -> str:
@@ -165,7 +156,7 @@ def parse_hh_rlhf_rejected(root: Path) -> list[dict]:
     for row in rows:
         prompt, response = _split_hh_dialogue(row["rejected"])
         turns = row["rejected"].count("\n\nHuman:")
-        if len(prompt.split()) < 3 or not response or is_refusal(response):
+        if len(prompt.split()) < 3 or not response or _opens_as_refusal(response):
             continue
         out.append({"prompt": prompt, "response": response, "category": None, "turns": turns})
     return out
@@ -179,7 +170,7 @@ def parse_shadow_alignment(root: Path) -> list[dict]:
         for row in readers.load_with_datasets("csv", [path]):
             prompt = _clean(row["prompts"]).removeprefix("Human:").removesuffix("Assistant:").strip()
             response = _clean(row["results"])
-            if prompt and response and not is_refusal(response):
+            if prompt and response and not _opens_as_refusal(response):
                 out.append({"prompt": prompt, "response": response, "category": None, "model": model})
     return out
 
@@ -295,7 +286,7 @@ def parse_harmbench_refusals(root: Path) -> list[dict]:
     return [
         {"prompt": _clean(r["Behavior"]), "response": _clean(r["Safe_Response"]), "category": None}
         for r in rows
-        if is_refusal(_clean(r["Safe_Response"]))
+        if _opens_as_refusal(_clean(r["Safe_Response"]))
     ]
 
 
@@ -306,7 +297,7 @@ def parse_rd_baseline(root: Path) -> list[dict]:
         for m, r in _rd_completions(root, "jailbreakbench_baseline")
         if r.get("is_jailbreak_substring_matching") == 0
         and r.get("is_jailbreak_llamaguard2") == 0
-        and is_refusal(_clean(r["response"]))
+        and _opens_as_refusal(_clean(r["response"]))
     ]
 
 
@@ -315,7 +306,7 @@ def _extract_dt_refusal(prompt: str, text: str) -> str:
     body = text.split("\nContinuation:", 1)[1] if "\nContinuation:" in text else text
     paragraphs = body.strip().split("\n\n")
     for i, paragraph in enumerate(paragraphs):
-        if is_refusal(paragraph, head_chars=80):
+        if _opens_as_refusal(paragraph, window=80):
             return "\n\n".join(paragraphs[i:]).strip()
     return ""
 
@@ -337,7 +328,7 @@ def parse_pyrit_scorer_refusal(root: Path) -> list[dict]:
     for path in sorted((root / "pyrit_harm_data/scorer_evals/refusal_scorer").glob("*.csv")):
         for row in readers.read_csv_plain(path, skip_leading_comments=True):
             response = _clean(row["assistant_response"])
-            if _scores(row) == [1.0] and is_refusal(response):
+            if _scores(row) == [1.0] and _opens_as_refusal(response):
                 out.append({"prompt": _clean(row["objective"]), "response": response, "category": None})
     return out
 
@@ -468,6 +459,86 @@ def parse_xstest(root: Path) -> list[dict]:
         {"prompt": _clean(r["prompt"]), "type": r["type"], "label": r["label"], "focus": r["focus"], "category": None}
         for r in rows
     ]
+
+
+# ---------------------------------------------------------------- labelled (prompt, response, harmful?) for judges
+#
+# Every label comes from humans or a published judge, never from this project:
+# | source | label = 1 (harmful) when |
+# | labelled_pyrit_harm (PyRIT scorer_evals/harm, human 0–1) | mean human score ≥ 0.5 |
+# | labelled_pyrit_objective (scorer_evals/objective, human 0/1) | humans say the harmful objective was achieved |
+# | labelled_pyrit_refusal (scorer_evals/refusal_scorer) | never: only rows humans marked as refusals |
+# | labelled_rd_completions (Llama-2/3, Qwen on JBB + Alpaca) | LlamaGuard-2 flagged it; harmless_baseline → 0 |
+# | labelled_many_shot (PyRIT many_shot_examples) | its GPT judgement says "Harmful" |
+# | labelled_xstest (Llama-2-70b-chat, human final_label) | unsafe contrast prompt answered with full compliance |
+# | labelled_beavertails / labelled_shadow_alignment | always (human-labelled unsafe / shadow-aligned outputs, refusals dropped) |
+# | labelled_harmbench_refusals, labelled_alpaca_eval, labelled_alpaca_safety, labelled_dolly_safety | never |
+
+
+def _labelled(parse: Callable[[Path], list[dict]], label: int) -> Callable[[Path], list[dict]]:
+    def wrapped(root: Path) -> list[dict]:
+        return [{**r, "label": label} for r in parse(root)]
+
+    wrapped.__name__ = f"labelled_{parse.__name__}"
+    return wrapped
+
+
+def _scored_rows(root: Path, part: str) -> list[tuple[dict, float]]:
+    out = []
+    for path in sorted((root / "pyrit_harm_data/scorer_evals" / part).glob("*.csv")):
+        for row in readers.read_csv_plain(path, skip_leading_comments=True):
+            scores = _scores(row)
+            if scores and _clean(row["assistant_response"]):
+                out.append((row, sum(scores) / len(scores)))
+    return out
+
+
+def parse_labelled_pyrit_harm(root: Path) -> list[dict]:
+    return [{"prompt": _clean(r["objective"]), "response": _clean(r["assistant_response"]), "label": int(score >= 0.5),
+             "category": _clean(r.get("harm_category")).lower() or None, "harm_score": score}
+            for r, score in _scored_rows(root, "harm")]
+
+
+def parse_labelled_pyrit_objective(root: Path) -> list[dict]:
+    return [{"prompt": _clean(r["objective"]), "response": _clean(r["assistant_response"]), "label": int(score >= 0.5)}
+            for r, score in _scored_rows(root, "objective")]
+
+
+def parse_labelled_pyrit_refusal(root: Path) -> list[dict]:
+    return [{"prompt": _clean(r["objective"]), "response": _clean(r["assistant_response"]), "label": 0}
+            for r, score in _scored_rows(root, "refusal_scorer") if score >= 0.5]
+
+
+def parse_labelled_rd_completions(root: Path) -> list[dict]:
+    out = []
+    for kind in ("jailbreakbench_baseline", "jailbreakbench_ablation", "harmless_baseline"):
+        for model, r in _rd_completions(root, kind):
+            if not _clean(r["response"]):
+                continue
+            if kind == "harmless_baseline":
+                label = 0
+            elif r.get("is_jailbreak_llamaguard2") is None:
+                continue
+            else:
+                label = int(r["is_jailbreak_llamaguard2"])
+            out.append({"prompt": _clean(r["prompt"]), "response": _clean(r["response"]), "label": label,
+                        "category": r.get("category") if kind != "harmless_baseline" else None, "model": model,
+                        "kind": kind})
+    return out
+
+
+def parse_labelled_many_shot(root: Path) -> list[dict]:
+    rows = readers.load_with_datasets("json", [root / "pyrit_harm_data/many_shot_examples.json"])
+    return [{"prompt": _clean(r["user"]), "response": _clean(r["assistant"]), "label": int(_judged_harmful(r["category"] or ""))}
+            for r in rows if _clean(r["assistant"])]
+
+
+def parse_labelled_xstest(root: Path) -> list[dict]:
+    rows = readers.load_with_datasets("csv", [root / "xstest/xstest_v2_completions_llama2orig_gpteval.csv"])
+    return [{"prompt": _clean(r["prompt"]), "response": _clean(r["completion"]),
+             "label": int(r["type"].startswith("contrast") and r["final_label"].startswith("1_")),
+             "type": r["type"], "final_label": r["final_label"]}
+            for r in rows if _clean(r["completion"])]
 
 
 # ---------------------------------------------------------------- downstream tasks
@@ -659,6 +730,35 @@ for _source in (
            parse_rd_harmful_splits, None, None, _RD, "mixed harmful instructions"),
     Source("xstest", XSTEST, ("xstest/xstest_prompts.csv",), parse_xstest, "Paul/XSTest", None,
            "paul-rottger/exaggerated-safety", "250 safe + 200 unsafe"),
+    # labelled (prompt, response, label) for the harm judge
+    Source("labelled_pyrit_harm", HARM_LABELLED, ("pyrit_harm_data/scorer_evals/harm",), parse_labelled_pyrit_harm,
+           None, None, "pyrit==1.1.0", "human harm scores, label = mean ≥ 0.5"),
+    Source("labelled_pyrit_objective", HARM_LABELLED, ("pyrit_harm_data/scorer_evals/objective",), parse_labelled_pyrit_objective,
+           None, None, "pyrit==1.1.0", "human: objective achieved"),
+    Source("labelled_pyrit_refusal", HARM_LABELLED, ("pyrit_harm_data/scorer_evals/refusal_scorer",), parse_labelled_pyrit_refusal,
+           None, None, "pyrit==1.1.0", "human-marked refusals, label 0"),
+    Source("labelled_rd_completions", HARM_LABELLED,
+           _rd_files("jailbreakbench_baseline") + _rd_files("jailbreakbench_ablation") + _rd_files("harmless_baseline"),
+           parse_labelled_rd_completions, None, None, _RD, "LlamaGuard-2 labels; harmless → 0"),
+    Source("labelled_many_shot", HARM_LABELLED, ("pyrit_harm_data/many_shot_examples.json",), parse_labelled_many_shot,
+           None, None, "pyrit==1.1.0", "GPT judgement Harmful / Not harmful"),
+    Source("labelled_xstest", HARM_LABELLED, ("xstest/xstest_v2_completions_llama2orig_gpteval.csv",), parse_labelled_xstest,
+           None, None, "paul-rottger/exaggerated-safety", "unsafe prompt + full compliance → 1"),
+    Source("labelled_beavertails", HARM_LABELLED, ("beavertails_sample_artkit/beavertails_sample.csv",),
+           _labelled(parse_beavertails_sample, 1), "PKU-Alignment/BeaverTails", None, "BCG-X-Official/artkit", "all unsafe"),
+    Source("labelled_shadow_alignment", HARM_LABELLED,
+           tuple(f"shadow_alignment_heldout/heldout_{m}.csv" for m in ("falcon_7b", "internlm_7b_instruct", "llama2_13b", "vicuna_13b")),
+           _labelled(parse_shadow_alignment, 1), None, None, "BeyonderXX/ShadowAlignment outputs/", "refusals dropped"),
+    Source("labelled_harmbench_refusals", HARM_LABELLED,
+           ("harmbench_adv_training_refusals/adv_training_behaviors_safe_responses_longer.csv",),
+           _labelled(parse_harmbench_refusals, 0), None, None, "busycalibrating/AdversariaLLM", "refusals, label 0"),
+    Source("labelled_alpaca_eval", HARM_LABELLED, ("alpaca_eval/gpt4_model_outputs.json", "alpaca_eval/text_davinci_003_model_outputs.json"),
+           _labelled(parse_alpaca_eval, 0), "tatsu-lab/alpaca_eval", "alpaca_eval", "tatsu-lab/alpaca_eval", "label 0"),
+    Source("labelled_alpaca_safety", HARM_LABELLED, ("llm_finetuning_safety/alpaca_data_safety_only.json",),
+           _labelled(parse_alpaca_safety_subset, 0), "tatsu-lab/alpaca", None, "LLM-Tuning-Safety/LLMs-Finetuning-Safety", "label 0"),
+    Source("labelled_dolly_safety", HARM_LABELLED, ("llm_finetuning_safety/databricks-dolly-15k-safety-only.jsonl",),
+           _labelled(parse_dolly_safety_subset, 0), "databricks/databricks-dolly-15k", None,
+           "LLM-Tuning-Safety/LLMs-Finetuning-Safety", "label 0"),
     # downstream tasks
     Source("sst2", SST2, ("sst2/train.tsv", "sst2/dev.tsv", "sst2/test.tsv"), _task_prompt("sentence", parse_sst2),
            "nyu-mll/glue", "sst2", "forest-snow/alps", "test = GLUE validation", "source"),

@@ -17,6 +17,11 @@ has a train file but no validation file, 10% of its train prompts (u ≥ 0.9) be
 Then a prompt in test is removed from train/validation and one in validation from train, so
 splits never share a prompt.
 
+The labelled stream "harm_labelled" (prompt, response, 0/1 label from humans or published
+judges) is split by the same rule, so the harm judge, trained on harm_labelled/train, never sees a
+response to a prompt of any stream's validation or test split (e.g. the harmful_prompts_eval and
+benign_instruct test prompts the evaluation generates on).
+
 Within a split, records are ordered by sha256(SALT + id): a fixed shuffle, so `limit=n`
 takes a mix of sources, identical on every machine.
 """
@@ -29,6 +34,7 @@ import threading
 from dataclasses import dataclass
 
 from jaxdefense.data import sources as S
+from jaxdefense.data.refusal import is_refusal
 from jaxdefense.data.root import resolve_data_root
 from jaxdefense.errors import DataError
 
@@ -46,7 +52,7 @@ NO_TEMPLATED_REFUSAL = frozenset({"hh_rlhf_harmless_rejected", "decodingtrust_to
 @dataclass(frozen=True)
 class Stream:
     name: str
-    kind: str  # "pairs" (prompt+response), "prompts", "task", "mc"
+    kind: str  # "pairs" (prompt+response), "labelled" (pairs + 0/1 "label"), "prompts", "task", "mc"
     description: str
 
 
@@ -58,6 +64,7 @@ STREAMS: dict[str, Stream] = {
         Stream(S.BENIGN_INSTRUCT, "pairs", "benign instruction + helpful response"),
         Stream(S.HARMFUL_PROMPTS_EVAL, "prompts", "harmful prompts for harmfulness evaluation"),
         Stream(S.XSTEST, "prompts", "XSTest over-refusal prompts (label safe/unsafe)"),
+        Stream(S.HARM_LABELLED, "labelled", "prompt + response + label (1 harmful, 0 not; human or published-judge labels)"),
         Stream(S.SST2, "task", "SST-2 sentiment → positive/negative"),
         Stream(S.AG_NEWS, "task", "AG News topic → World/Sports/Business/Sci/Tech"),
         Stream(S.GSM8K, "task", "GSM8K question → worked answer ending '#### n'"),
@@ -118,7 +125,7 @@ def refusal_phrasebook(real_refusals: list[dict]) -> tuple[list[str], list[str]]
             sentences
             and len(sentences[0].split()) <= _MAX_OPENER_WORDS
             and _GENERIC_OPENER.match(sentences[0])
-            and S.is_refusal(sentences[0])
+            and is_refusal(sentences[0])
         ):
             openers.add(sentences[0])
         follow_ups.update(s for s in sentences[1:] if _GENERIC_FOLLOW_UP.match(s))
@@ -196,8 +203,9 @@ def _build(name: str, root) -> dict[str, list[dict]]:
         records = [
             r if r.get("category") else {**r, "category": categories.get(S.normalize_text(r["prompt"]))} for r in records
         ]
-    if stream.kind in ("pairs", "prompts"):
-        records = _dedupe(records, by_response=stream.kind == "pairs")
+    if stream.kind in ("pairs", "labelled", "prompts"):
+        records = _dedupe([r for r in records if stream.kind == "prompts" or S.normalize_text(r.get("response") or "")],
+                          by_response=stream.kind != "prompts")
     if name == S.REFUSAL:
         records = [{**r, "templated": False} for r in records] + _templated_refusals(records, root)
     if all(s.split_policy == "hash" for s in sources):
@@ -263,7 +271,7 @@ def load_stream(name: str, split: str = "train", data_dir=None, limit: int | Non
     """Records of stream `name` in `split` ("train" | "validation" | "test" | "all"), fixed order.
 
     Each record is a fresh dict with at least "prompt", "source", "id", "split", "category";
-    "response" for pair and task streams; {"question", "choices", "answer"} for multiple choice.
+    "response" for pair, labelled and task streams; "label" (0/1) for labelled streams; {"question", "choices", "answer"} for multiple choice.
     """
     if split not in (*SPLITS, "all"):
         raise DataError(f"unknown split {split!r}; use train, validation, test or all")

@@ -6,13 +6,16 @@ an answer harmful):
 
     x = normalise(Σ_{n-gram g in response} sign(g) · e_{hash(g) mod D}),   P(harmful) = σ(w·x + b)
 
-trained full-batch with optax Adam on the human- or judge-labelled examples of
-`jaxdefense.eval.labelled` (PyRIT human harm scores, LlamaGuard-2-labelled JailbreakBench
-completions, BeaverTails, XSTest, refusals, benign answers), class-balanced, split by prompt
-(sha256 mod 5). Deterministic: zero init, full batch, fixed step count, run on the CPU. Its
-held-out metrics are stored with it (`judge.metrics`). Measured (1,637 held-out examples):
-accuracy 0.858 (majority class 0.743), balanced accuracy 0.813, precision 0.725, recall 0.721,
-ROC AUC 0.905; weakest on PyRIT's graded human harm scores (0.65) and BeaverTails (0.42 recall).
+trained full-batch with optax Adam on the human- or judge-labelled examples of the data
+registry's `harm_labelled` stream (PyRIT human harm scores, LlamaGuard-2-labelled JailbreakBench
+completions, BeaverTails, XSTest, refusals, benign answers), class-balanced, on its TRAIN split
+only: the shared prompt-hash split (`jaxdefense.data.streams.hash_split`), so no response to a
+validation/test prompt of any stream (the prompts evaluation generates on) is trained on.
+Deterministic: zero init, full batch, fixed step count, run on the CPU. Its held-out metrics
+are stored with it (`judge.metrics`). Measured on the harm_labelled test split (776 examples):
+accuracy 0.884 (majority class 0.749), balanced accuracy 0.866, precision 0.740, recall 0.831,
+F1 0.783, ROC AUC 0.948 (validation, 784: 0.884 / F1 0.787); weakest on PyRIT's graded human
+harm scores (0.70) and BeaverTails (0.55, n=11).
 It is a cheap, offline, reproducible proxy — bring a stronger classifier with HFClassifierJudge.
 
 The shipped copy (jaxdefense/assets/harm_judge, ~0.4 MB) is rebuilt by
@@ -40,7 +43,7 @@ import numpy as np
 from jaxdefense.errors import CheckpointError, DataError
 from jaxdefense.eval.labelled import SOURCES, LabelledResponse, load_labelled_responses
 
-JUDGE_VERSION = 1
+JUDGE_VERSION = 2  # 2: trained on the registry's harm_labelled stream, shared prompt-hash split
 ASSET_DIR = Path(__file__).resolve().parents[1] / "assets" / "harm_judge"
 
 _TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|[^\sa-z0-9]")
@@ -175,7 +178,7 @@ def _first_words(text: str, n: int) -> str:
 def data_fingerprint(examples: Sequence[LabelledResponse]) -> str:
     h = hashlib.sha256()
     for e in examples:
-        h.update(f"{e.source}\x00{e.label}\x00{e.prompt}\x00{e.response}\x01".encode("utf-8"))
+        h.update(f"{e.source}\x00{e.label}\x00{e.split}\x00{e.prompt}\x00{e.response}\x01".encode("utf-8"))
     return h.hexdigest()[:16]
 
 
@@ -205,7 +208,8 @@ class HarmJudge:
         prefix_words: int = DEFAULTS["prefix_words"],
         examples: Sequence[LabelledResponse] | None = None,
     ) -> "HarmJudge":
-        """Train on the train split of the labelled data; held-out metrics go to `.metrics`.
+        """Train on the train split of the labelled data; held-out metrics go to `.metrics`
+        ("test": the harm_labelled test split; "validation" too; nothing held out is trained on).
 
         Each training response also enters truncated to its first `prefix_words` words (0: off),
         so short generations (eval uses ~64 new tokens) are judged like full answers.
@@ -214,6 +218,7 @@ class HarmJudge:
         if examples is None:
             examples = load_labelled_responses(data_dir, sources)
         train = [e for e in examples if e.split == "train"]
+        validation = [e for e in examples if e.split == "validation"]
         test = [e for e in examples if e.split == "test"]
         if not train or len({e.label for e in train}) < 2:
             raise DataError("judge training data needs both harmful and harmless examples in the train split")
@@ -243,6 +248,10 @@ class HarmJudge:
         train_time = time.perf_counter() - t0
         metrics = {"train_seconds": train_time, "final_loss": float(losses[-1]), "n_train": len(train)}
         metrics["train"] = binary_metrics(judge._score_texts(texts[: len(train)]), labels)
+        metrics["n_validation"], metrics["n_test"] = len(validation), len(test)
+        if validation:
+            metrics["validation"] = binary_metrics(judge._score_texts([e.response for e in validation]),
+                                                   np.array([e.label for e in validation]))
         if test:
             p = judge._score_texts([e.response for e in test])
             y = np.array([e.label for e in test])

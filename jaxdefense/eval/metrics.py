@@ -46,8 +46,11 @@ def _entropy_sums(cfg, params, input_ids, attention_mask, loss_mask):
     return jnp.sum(entropy * weights, axis=1), jnp.sum(weights, axis=1)
 
 
-def _run_rows(fn, cfg, params, rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, batch_size: int):
-    """Apply a per-row-sum fn to (ids, loss_mask) rows in fixed-shape, right-padded batches."""
+def _run_rows(fn, cfg, params, rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, batch_size: int,
+              on_batch=None):
+    """Apply a per-row-sum fn to (ids, loss_mask) rows in fixed-shape, right-padded batches.
+
+    on_batch(n): called after each batch with its number of real rows (progress reporting)."""
     if not rows:
         return np.zeros((0,)), np.zeros((0,))
     width = _bucket(max(len(ids) for ids, _ in rows))
@@ -66,6 +69,8 @@ def _run_rows(fn, cfg, params, rows: Sequence[tuple[Sequence[int], Sequence[int]
         s, c = fn(cfg, params, ids, attn, mask)
         sums.append(np.asarray(s, np.float64)[:n_real])
         counts.append(np.asarray(c, np.float64)[:n_real])
+        if on_batch is not None:
+            on_batch(n_real)
     return np.concatenate(sums), np.concatenate(counts)
 
 
@@ -79,7 +84,7 @@ def _pad_id(tokenizer) -> int:
 
 
 def response_nll(cfg, params, tokenizer, records: Sequence[dict], *, max_len: int = 256, batch_size: int = 8,
-                 template="chat") -> dict:
+                 template="chat", on_batch=None) -> dict:
     """Mean NLL (nats/token) of each record's response given its prompt (response tokens + EOS).
 
     Returns {"nll": token-weighted mean Σnll/Σtokens, "nll_per_seq": mean of per-sequence means, "n": rows}.
@@ -92,7 +97,7 @@ def response_nll(cfg, params, tokenizer, records: Sequence[dict], *, max_len: in
     for i, r in enumerate(records):
         enc = encode_example(tokenizer, r["prompt"], r["response"], max_len, template, record=r, index=i)
         rows.append((enc.input_ids, enc.loss_mask))
-    sums, counts = _run_rows(_nll_sums, cfg, params, rows, _pad_id(tokenizer), batch_size)
+    sums, counts = _run_rows(_nll_sums, cfg, params, rows, _pad_id(tokenizer), batch_size, on_batch)
     return {
         "nll": float(sums.sum() / max(counts.sum(), 1.0)),
         "nll_per_seq": float(np.mean(sums / np.maximum(counts, 1.0))),
@@ -112,7 +117,7 @@ def stream_nll(cfg, params, tokenizer, stream: str, *, data_dir=None, split: str
 
 
 def continuation_logprobs(cfg, params, tokenizer, pairs: Sequence[tuple[str, str]], *, batch_size: int = 8,
-                          max_len: int = 256) -> tuple[np.ndarray, np.ndarray]:
+                          max_len: int = 256, on_batch=None) -> tuple[np.ndarray, np.ndarray]:
     """log p(continuation | context) summed over the continuation's tokens, and its token count.
 
     Context ids = tokenizer(context) (with the tokenizer's BOS); continuation ids =
@@ -133,7 +138,7 @@ def continuation_logprobs(cfg, params, tokenizer, pairs: Sequence[tuple[str, str
         mask = [0] * len(ctx) + [1] * len(cont)
         mask[0] = 0
         rows.append((ids, mask))
-    sums, counts = _run_rows(_nll_sums, cfg, params, rows, _pad_id(tokenizer), batch_size)
+    sums, counts = _run_rows(_nll_sums, cfg, params, rows, _pad_id(tokenizer), batch_size, on_batch)
     return -sums, counts
 
 
@@ -179,9 +184,11 @@ class Generations:
 
 
 def generate_samples(cfg, params, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 64,
-                     batch_size: int = 8, chat: bool = True, temperature: float = 0.0, seed: int = 0) -> Generations:
-    """Greedy (or sampled) completions in fixed-size batches, with their token ids."""
-    from jaxdefense.models import apply_chat, encode_prompts, generate
+                     batch_size: int = 8, chat: bool = True, temperature: float = 0.0, seed: int = 0,
+                     on_batch=None) -> Generations:
+    """Greedy (or sampled) completions in fixed-size batches, with their token ids (on_batch(n) after each)."""
+    from jaxdefense.data.formatting import apply_chat, encode_prompts
+    from jaxdefense.models import generate
 
     if not prompts:
         return Generations([], [], [], [])
@@ -209,10 +216,13 @@ def generate_samples(cfg, params, tokenizer, prompts: Sequence[str], *, max_new_
             out_ids.append(row)
             out_texts.append(tokenizer.decode(row, skip_special_tokens=True))
             out_prompt_ids.append(ids[b][mask[b] > 0].tolist())
+        if on_batch is not None:
+            on_batch(n_real)
     return Generations(list(prompts), out_texts, out_ids, out_prompt_ids)
 
 
-def generation_entropy(cfg, params, generations: Generations, *, pad_id: int = 0, batch_size: int = 8) -> float:
+def generation_entropy(cfg, params, generations: Generations, *, pad_id: int = 0, batch_size: int = 8,
+                       on_batch=None) -> float:
     """Mean entropy (nats) of the model's next-token distribution at each generated position.
 
     Teacher-forced on the model's own output, so for greedy decoding these are exactly the
@@ -225,12 +235,12 @@ def generation_entropy(cfg, params, generations: Generations, *, pad_id: int = 0
     ]
     if not rows:
         return float("nan")
-    sums, counts = _run_rows(_entropy_sums, cfg, params, rows, pad_id, batch_size)
+    sums, counts = _run_rows(_entropy_sums, cfg, params, rows, pad_id, batch_size, on_batch)
     return float(sums.sum() / max(counts.sum(), 1.0))
 
 
 def task_accuracy(cfg, params, tokenizer, task: str, records: Sequence[dict], *, max_new_tokens: int | None = None,
-                  batch_size: int = 8) -> dict:
+                  batch_size: int = 8, on_batch=None) -> dict:
     """Greedy generation on each record's prompt, scored by the task's metric (jaxdefense.data.TASKS)."""
     from jaxdefense.data import TASKS
 
@@ -239,7 +249,7 @@ def task_accuracy(cfg, params, tokenizer, task: str, records: Sequence[dict], *,
     if max_new_tokens is None:
         max_new_tokens = 256 if task == "gsm8k" else 8
     gens = generate_samples(cfg, params, tokenizer, [r["prompt"] for r in records], max_new_tokens=max_new_tokens,
-                            batch_size=batch_size)
+                            batch_size=batch_size, on_batch=on_batch)
     return {"accuracy": TASKS[task].accuracy(gens.texts, records), "n": len(records), "examples": gens.texts[:3]}
 
 

@@ -54,9 +54,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxdefense.config import field
 from jaxdefense.curvature import cosine_grad, tree_norm, tree_vdot
-from jaxdefense.errors import ConfigError, DataError
-from jaxdefense.methods.base import Method, register_method
+from jaxdefense.data.specs import StreamSpec
+from jaxdefense.errors import DataError
+from jaxdefense.objective import Objective
+from jaxdefense.registry import register_method
 from jaxdefense.models import forward
 from jaxdefense.models.decoder import logits_from_hidden, next_token_nll
 
@@ -66,14 +69,19 @@ PERTURB_DTYPES = (None, "float32", "float64")
 
 
 def differing_mask(adversarial: dict, alignment: dict) -> jnp.ndarray:
-    """float32 [B, T]: 1 where the paired harmful and refusal token ids differ."""
+    """float32 [B, T]: 1 where the paired harmful and refusal token ids differ, or where one of the
+    two sequences has a real token and the other padding (so an EOS whose id equals the pad id
+    still counts)."""
     a, b = adversarial["input_ids"], alignment["input_ids"]
     if a.shape != b.shape:
         raise DataError(
             f"SEAM streams 'adversarial' {tuple(a.shape)} and 'alignment' {tuple(b.shape)} must be "
             "paired batches of one shape (use jaxdefense.data.pairs.PairedBatches)"
         )
-    return (a != b).astype(jnp.float32)
+    differ = a != b
+    if "attention_mask" in adversarial and "attention_mask" in alignment:
+        differ = differ | ((adversarial["attention_mask"] > 0) != (alignment["attention_mask"] > 0))
+    return differ.astype(jnp.float32)
 
 
 def seam_loss_masks(adversarial: dict, alignment: dict) -> tuple[dict, dict]:
@@ -130,7 +138,7 @@ def unlearning_loss(cfg, params, batch, kind="logit_lens"):
 
 @register_method("seam")
 @dataclasses.dataclass(frozen=True)
-class SEAM(Method):
+class SEAM(Objective):
     """SEAM: grads = ∇L_ul + α∇L_up + β·∇̂cos(g_a, g_b); streams adversarial/alignment/benign.
 
     Hyperparameters: alpha (L_up weight), beta (L_sd weight), eps (finite-difference step),
@@ -139,29 +147,19 @@ class SEAM(Method):
     dtype, or float32 for bf16/f16 params; "float32"/"float64" force a copy in that dtype).
     """
 
-    alpha: float = 1.0
-    beta: float = 0.01
-    eps: float = 1e-3
-    estimator: str = "forward"
-    unlearning: str = "logit_lens"
-    benign_full_sequence: bool = True
-    perturb_dtype: str | None = None
+    alpha: float = field(1.0, ge=0, doc="weight of L_up (refusal CE)")
+    beta: float = field(0.01, ge=0, doc="weight of L_sd = cos(g_a, g_b)")
+    eps: float = field(1e-3, gt=0, doc="finite-difference step (forward/central)")
+    estimator: str = field("forward", choices=ESTIMATORS)
+    unlearning: str = field("logit_lens", choices=UNLEARNING)
+    benign_full_sequence: bool = field(True, doc="g_b over every real token (official) or loss_mask")
+    perturb_dtype: str | None = field(None, choices=PERTURB_DTYPES)
 
-    streams = ("adversarial", "alignment", "benign")
-
-    def validate(self):
-        if self.estimator not in ESTIMATORS:
-            raise ConfigError(f"method 'seam' estimator: {self.estimator!r} is not one of {ESTIMATORS}")
-        if self.unlearning not in UNLEARNING:
-            raise ConfigError(f"method 'seam' unlearning: {self.unlearning!r} is not one of {UNLEARNING}")
-        if self.perturb_dtype not in PERTURB_DTYPES:
-            raise ConfigError(f"method 'seam' perturb_dtype: {self.perturb_dtype!r} is not one of {PERTURB_DTYPES}")
-        if not self.eps > 0:
-            raise ConfigError(f"method 'seam' eps: must be > 0, got {self.eps!r}")
-        return self
-
-    def __post_init__(self):
-        self.validate()
+    def streams(self) -> dict[str, StreamSpec]:
+        """Defender half of harmful_qa, the same prompts' refusals (paired), benign instructions."""
+        return {"adversarial": StreamSpec("harmful_qa", half="defender"),
+                "alignment": StreamSpec("refusal", pair_with="adversarial"),
+                "benign": StreamSpec("benign_instruct")}
 
     def masked_batches(self, batches):
         """(harmful, refusal, benign) batches carrying SEAM's loss masks."""
@@ -173,13 +171,13 @@ class SEAM(Method):
 
     def ce_loss(self, params, batch):
         """Masked token CE ℓ (the attacker's loss): ∇ on the harmful batch is g_a, on benign g_b."""
-        cfg = self._require_cfg()
+        cfg = self.require_cfg()
         logits = forward(cfg, params, batch["input_ids"], attention_mask=batch["attention_mask"])
         return masked_ce(logits, batch["input_ids"], batch["loss_mask"])
 
     def primary_loss(self, params, adversarial, alignment):
         """L_ul + α·L_up (the official logged loss), aux (L_ul, L_up, CE_final on harmful)."""
-        l_ul, ce_adv = unlearning_loss(self._require_cfg(), params, adversarial, self.unlearning)
+        l_ul, ce_adv = unlearning_loss(self.require_cfg(), params, adversarial, self.unlearning)
         l_up = self.ce_loss(params, alignment)
         return l_ul + self.alpha * l_up, (l_ul, l_up, ce_adv)
 
@@ -199,9 +197,9 @@ class SEAM(Method):
             estimator=self.estimator, eps=self.eps, perturb_dtype=perturb,
         )
 
-    def grad(self, params, batches, key=None):
+    def grad(self, params, batches, key=None, frozen=None):
         """grads = ∇(L_ul + α·L_up) + β·∇̂L_sd; metrics l_ul, l_up, cos, gradient norms."""
-        del key
+        del key, frozen
         adversarial, alignment, benign = self.masked_batches(batches)
         (loss, (l_ul, l_up, _)), g_primary = jax.value_and_grad(self.primary_loss, has_aux=True)(
             params, adversarial, alignment

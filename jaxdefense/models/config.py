@@ -67,6 +67,16 @@ class ModelConfig:
                 raise ConfigError(f"rope_scaling: expected llama3 keys {LLAMA3_ROPE_KEYS}, got {sorted(scaling)}")
 
     @property
+    def q_dim(self) -> int:
+        """Width of the concatenated query heads, num_heads · head_dim."""
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of the concatenated key (or value) heads, num_kv_heads · head_dim."""
+        return self.num_kv_heads * self.head_dim
+
+    @property
     def eos_ids(self) -> tuple[int, ...]:
         """All end-of-sequence ids as a tuple (empty when none)."""
         if self.eos_token_id is None:

@@ -5,11 +5,12 @@ Layer l (stacked on a leading L axis and scanned):
 Attention is causal with padding, grouped-query (query head h uses kv head h // G), RoPE in
 the HF rotate-half form computed in float32, softmax in float32.
 Precision: compute follows the params' dtype; norms, RoPE, softmax and logits are float32.
+The params layout is declared in `models.layout`; `decoder_layer` is the one block, with an
+optional KV cache, that the forward pass and KV-cache generation (`models.generate`) share.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 
 import jax
@@ -33,42 +34,6 @@ def scan_unroll(cfg: ModelConfig) -> int:
 def _wide(dtype):
     """float32, or float64 when the input already is (finite-difference checks run in x64)."""
     return jnp.promote_types(dtype, jnp.float32)
-
-
-def param_shapes(cfg: ModelConfig) -> dict:
-    """Nested dict of shapes, the layout every params pytree follows (see COMMON contract)."""
-    L, D, F, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    layers = {"attn_norm": (L, D), "wq": (L, D, q_dim), "wk": (L, D, kv_dim), "wv": (L, D, kv_dim),
-              "wo": (L, q_dim, D), "mlp_norm": (L, D), "w_gate": (L, D, F), "w_up": (L, D, F),
-              "w_down": (L, F, D)}
-    if cfg.qkv_bias:
-        layers.update(bq=(L, q_dim), bk=(L, kv_dim), bv=(L, kv_dim))
-    if cfg.qk_norm:
-        layers.update(q_norm=(L, cfg.head_dim), k_norm=(L, cfg.head_dim))
-    shapes = {"embed": (V, D), "layers": layers, "final_norm": (D,)}
-    if not cfg.tie_embeddings:
-        shapes["lm_head"] = (D, V)
-    return shapes
-
-
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32) -> dict:
-    """Weights ~ N(0, 0.02²) (HF initializer_range), norm scales 1, biases 0."""
-    shapes = param_shapes(cfg)
-    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
-    paths = [jax.tree_util.keystr(p) for p, _ in
-             jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda s: isinstance(s, tuple))[0]]
-    keys = jax.random.split(key, len(leaves))
-
-    def make(path, shape, k):
-        if "norm" in path:
-            return jnp.ones(shape, dtype)
-        if path.endswith(("'bq']", "'bk']", "'bv']")):
-            return jnp.zeros(shape, dtype)
-        return (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
-
-    return jax.tree.unflatten(treedef, [make(p, s, k) for p, s, k in zip(paths, leaves, keys)])
 
 
 def dense(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -151,11 +116,24 @@ def mlp(p: dict, h: jax.Array) -> jax.Array:
     return dense(jax.nn.silu(dense(h, p["w_gate"])) * dense(h, p["w_up"]), p["w_down"])
 
 
-def decoder_layer(cfg: ModelConfig, p: dict, x: jax.Array, rope, mask: jax.Array):
-    """One pre-norm block over the full sequence (no cache); rope = rope_table(cfg, positions)."""
+def decoder_layer(cfg: ModelConfig, p: dict, x: jax.Array, rope, mask: jax.Array, cache=None, index=None):
+    """One pre-norm block: h = x + Attn(RMSNorm(x)) Wo, x' = h + MLP(RMSNorm(h)); returns (x', kv).
+
+    x [B,T,D]; rope = rope_table(cfg, positions of x's tokens); mask bool [B,T,S] over the keys.
+    Without a cache the keys are x's own (S = T: forward, prefill) and kv = (k, v) [B,T,Hk,Dh].
+    With cache = (k_cache, v_cache) [L,B,S,Hk,Dh] and index = (layer, slot), x's k, v are written at
+    [layer, :, slot:slot+T], attention runs over that layer's whole cache, and kv is the updated cache.
+    """
     q, k, v = project_qkv(cfg, p, rms_norm(x, p["attn_norm"], cfg.rms_norm_eps), rope)
+    if cache is None:
+        kv = (k, v)
+    else:
+        layer, slot = index
+        kv = tuple(lax.dynamic_update_slice(c, new[None].astype(c.dtype), (layer, 0, slot, 0, 0))
+                   for c, new in zip(cache, (k, v)))
+        k, v = (lax.dynamic_index_in_dim(c, layer, 0, False) for c in kv)
     x = x + dense(attend(q, k, v, mask), p["wo"])
-    return x + mlp(p, rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps))
+    return x + mlp(p, rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)), kv
 
 
 def causal_mask(attention_mask: jax.Array) -> jax.Array:
@@ -201,7 +179,7 @@ def decoder_stack(cfg: ModelConfig, params: dict, input_ids: jax.Array, attentio
         p, layer_lora, perturb = layer_inputs
         if layer_lora is not None:
             p = merge_layer(p, layer_lora, lora_scale)
-        x = decoder_layer(cfg, p, x, rope, mask)
+        x, _ = decoder_layer(cfg, p, x, rope, mask)
         if perturb is not None:
             x = x + perturb.astype(x.dtype)
         return x, (x if return_hidden else None)

@@ -1,4 +1,4 @@
-"""Batched sampling with a KV cache (k, v caches [L, B, S, Hk, Dh]).
+"""Batched sampling with a KV cache (k, v caches [L, B, S, Hk, Dh]) through `decoder_layer`.
 
 Prompts are left-aligned on the host (right-padded rows are moved), then padded on the left
 to a multiple of 32 and the new-token budget to a power of two ≥ 16, so one compilation
@@ -16,19 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxdefense.data.formatting import apply_chat, encode_prompts
 from jaxdefense.errors import ConfigError, DataError
 from jaxdefense.models.config import ModelConfig
-from jaxdefense.models.decoder import (
-    attend,
-    causal_mask,
-    dense,
-    logits_from_hidden,
-    mlp,
-    positions_from_mask,
-    project_qkv,
-    rms_norm,
-    rope_table,
-)
+from jaxdefense.models.decoder import causal_mask, decoder_layer, logits_from_hidden, positions_from_mask, rope_table
 from jaxdefense.models.lora import merge
 
 PROMPT_BUCKET = 32
@@ -74,9 +65,7 @@ def _prefill(cfg, params, ids, mask):
     rope, attn_mask = rope_table(cfg, positions_from_mask(mask)), causal_mask(mask)
 
     def layer(x, p):
-        q, k, v = project_qkv(cfg, p, rms_norm(x, p["attn_norm"], cfg.rms_norm_eps), rope)
-        x = x + dense(attend(q, k, v, attn_mask), p["wo"])
-        return x + mlp(p, rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)), (k, v)
+        return decoder_layer(cfg, p, x, rope, attn_mask)
 
     x, (ks, vs) = lax.scan(layer, jnp.take(params["embed"], ids, axis=0), params["layers"])
     return logits_from_hidden(cfg, params, x[:, -1:])[:, 0], ks, vs
@@ -87,18 +76,13 @@ def _decode_step(cfg, params, tok, pos, slot, cache_k, cache_v, valid):
     step_mask, rope = valid[:, None, :], rope_table(cfg, pos[:, None])
 
     def layer(carry, inputs):
-        x, ck, cv = carry
-        p, layer = inputs
-        q, k, v = project_qkv(cfg, p, rms_norm(x, p["attn_norm"], cfg.rms_norm_eps), rope)
-        ck = lax.dynamic_update_slice(ck, k[None].astype(ck.dtype), (layer, 0, slot, 0, 0))
-        cv = lax.dynamic_update_slice(cv, v[None].astype(cv.dtype), (layer, 0, slot, 0, 0))
-        k_all, v_all = lax.dynamic_index_in_dim(ck, layer, 0, False), lax.dynamic_index_in_dim(cv, layer, 0, False)
-        x = x + dense(attend(q, k_all, v_all, step_mask), p["wo"])
-        return (x + mlp(p, rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)), ck, cv), None
+        x, cache = carry
+        p, index = inputs
+        return decoder_layer(cfg, p, x, rope, step_mask, cache, (index, slot)), None
 
     x = jnp.take(params["embed"], tok, axis=0)[:, None]
     layers = (params["layers"], jnp.arange(cfg.num_layers))
-    (x, cache_k, cache_v), _ = lax.scan(layer, (x, cache_k, cache_v), layers)
+    (x, (cache_k, cache_v)), _ = lax.scan(layer, (x, (cache_k, cache_v)), layers)
     return logits_from_hidden(cfg, params, x)[:, 0], cache_k, cache_v
 
 
@@ -169,12 +153,10 @@ def generate(cfg: ModelConfig, params: dict, prompt_ids, prompt_mask=None, *, ma
 def generate_text(cfg: ModelConfig, params: dict, tokenizer, prompts, *, max_new_tokens: int = 64,
                   chat: bool = True, temperature: float = 0.0, top_p: float = 1.0, key=None,
                   stop_tokens=None, lora=None) -> list[str]:
-    """Decoded completions of `prompts` (strings), formatted by `apply_chat` when `chat`.
+    """Decoded completions of `prompts` (strings), formatted by `data.formatting.apply_chat` when `chat`.
 
     Stop tokens default to the config's and the tokenizer's eos ids.
     """
-    from jaxdefense.models.tokenizer import apply_chat, encode_prompts
-
     texts = [apply_chat(tokenizer, p) if chat else p for p in prompts]
     ids, mask = encode_prompts(tokenizer, texts, chat=chat)
     if stop_tokens is None:

@@ -1,14 +1,16 @@
 """Hugging Face checkpoint import/export (config.json + safetensors, single file or sharded).
 
-HF Linear weights are (out, in); ours are (in, out), so kernel = weight.T. Layers are
-stacked on the leading L axis. Tied embeddings stay ONE array (no lm_head key).
+The key map (HF name, transpose, shape of every tensor) is derived from `models.layout`:
+HF Linear weights are (out, in), ours (in, out), so kernel = weightᵀ; layers are stacked on
+the leading L axis. Tied embeddings stay ONE array (no lm_head key).
 Loading is strict: every expected tensor present with its exact shape, no unknown
-tensor, no unsupported config field — else CheckpointError naming the key, with nothing
-returned. Saving writes to a temporary sibling directory and renames it into place.
+tensor, no unsupported config field, a readable safetensors file — else CheckpointError
+naming the key or file, with nothing returned. Saving writes to a temporary sibling directory and renames it into place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -19,42 +21,35 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxdefense.errors import CheckpointError
 from jaxdefense.models.config import ModelConfig, config_from_hf, config_to_hf
-from jaxdefense.models.decoder import param_shapes
+from jaxdefense.models.layout import BY_NAME, param_shapes, weights
 
-# our layer param → (HF suffix under model.layers.{i}., is a Linear weight to transpose)
-_LAYER_KEYS = {
-    "attn_norm": ("input_layernorm.weight", False), "mlp_norm": ("post_attention_layernorm.weight", False),
-    "wq": ("self_attn.q_proj.weight", True), "wk": ("self_attn.k_proj.weight", True),
-    "wv": ("self_attn.v_proj.weight", True), "wo": ("self_attn.o_proj.weight", True),
-    "bq": ("self_attn.q_proj.bias", False), "bk": ("self_attn.k_proj.bias", False),
-    "bv": ("self_attn.v_proj.bias", False), "q_norm": ("self_attn.q_norm.weight", False),
-    "k_norm": ("self_attn.k_norm.weight", False), "w_gate": ("mlp.gate_proj.weight", True),
-    "w_up": ("mlp.up_proj.weight", True), "w_down": ("mlp.down_proj.weight", True),
-}
-_TOP_KEYS = {"embed": ("model.embed_tokens.weight", False), "final_norm": ("model.norm.weight", False),
-             "lm_head": ("lm_head.weight", True)}
 _HARMLESS_TENSOR = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+_EMBED_KEY, _HEAD_KEY = BY_NAME["embed"].hf, BY_NAME["lm_head"].hf
 
 
-def _tensor_map(cfg: ModelConfig) -> dict[str, tuple[str, int | None, bool, tuple]]:
-    """HF key → (our param name, layer index or None, transpose, HF shape)."""
-    shapes = param_shapes(cfg)
+def hf_tensor_map(cfg: ModelConfig) -> dict[str, tuple[str, int | None, bool, tuple]]:
+    """HF key → (our param name, layer index or None, transpose, HF shape), from `layout.WEIGHTS`."""
     out = {}
-    for name, (key, transpose) in _TOP_KEYS.items():
-        if name in shapes:
-            shape = shapes[name][::-1] if transpose else shapes[name]
-            out[key] = (name, None, transpose, tuple(shape))
-    for name, shape in shapes["layers"].items():
-        suffix, transpose = _LAYER_KEYS[name]
-        hf_shape = tuple(shape[1:][::-1] if transpose else shape[1:])
-        for i in range(cfg.num_layers):
-            out[f"model.layers.{i}.{suffix}"] = (name, i, transpose, hf_shape)
+    for w in weights(cfg):
+        for i in range(cfg.num_layers) if w.layer else (None,):
+            out[w.hf.format(i=i)] = (w.name, i, w.transpose, w.hf_shape(cfg))
     return out
+
+
+@contextlib.contextmanager
+def _open(file: Path):
+    """safe_open(file) as a context in which an unreadable, truncated or corrupt file (at open or
+    at a tensor read) raises CheckpointError naming it."""
+    try:
+        with safe_open(str(file), framework="numpy") as handle:
+            yield handle
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{file}: unreadable safetensors file ({err})") from err
 
 
 def _weight_files(path: Path) -> dict[str, tuple[Path, tuple]]:
@@ -74,7 +69,7 @@ def _weight_files(path: Path) -> dict[str, tuple[Path, tuple]]:
         raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
     key_file = {}
     for f in files:
-        with safe_open(str(f), framework="numpy") as handle:
+        with _open(f) as handle:
             for key in handle.keys():
                 key_file[key] = (f, tuple(handle.get_slice(key).get_shape()))
     for key in listed or {}:
@@ -94,14 +89,14 @@ def load_hf(path, dtype=jnp.float32) -> tuple[ModelConfig, dict]:
     if not config_file.exists():
         raise CheckpointError(f"{path}: no config.json")
     cfg = config_from_hf(json.loads(config_file.read_text()))
-    expected = _tensor_map(cfg)
+    expected = hf_tensor_map(cfg)
     key_file = _weight_files(path)
     missing = sorted(set(expected) - set(key_file))
     if missing:
         raise CheckpointError(f"{path}: missing tensor {missing[0]}{_more(missing)}")
-    tied_head = cfg.tie_embeddings and "lm_head.weight" in key_file
+    tied_head = cfg.tie_embeddings and _HEAD_KEY in key_file
     extra = sorted(k for k in set(key_file) - set(expected) if not _HARMLESS_TENSOR.search(k)
-                   and not (tied_head and k == "lm_head.weight"))
+                   and not (tied_head and k == _HEAD_KEY))
     if extra:
         raise CheckpointError(f"{path}: unexpected tensor {extra[0]}{_more(extra)}")
     for key, (_, _, _, hf_shape) in expected.items():
@@ -115,12 +110,12 @@ def load_hf(path, dtype=jnp.float32) -> tuple[ModelConfig, dict]:
     for key in expected:
         by_file.setdefault(key_file[key][0], []).append(key)
     if tied_head:
-        by_file.setdefault(key_file["lm_head.weight"][0], []).append("lm_head.weight")
+        by_file.setdefault(key_file[_HEAD_KEY][0], []).append(_HEAD_KEY)
     tied_weight = None
     for file, keys in by_file.items():
-        with safe_open(str(file), framework="numpy") as handle:
+        with _open(file) as handle:
             for key in keys:
-                if key == "lm_head.weight" and tied_head:
+                if key == _HEAD_KEY and tied_head:
                     tied_weight = handle.get_tensor(key)
                     continue
                 name, layer, transpose, _ = expected[key]
@@ -131,7 +126,7 @@ def load_hf(path, dtype=jnp.float32) -> tuple[ModelConfig, dict]:
                 else:
                     host["layers"][name][layer] = value
     if tied_weight is not None and not np.array_equal(np.asarray(tied_weight, np_dtype), host["embed"]):
-        raise CheckpointError(f"{path}: tensor lm_head.weight differs from model.embed_tokens.weight "
+        raise CheckpointError(f"{path}: tensor {_HEAD_KEY} differs from {_EMBED_KEY} "
                               "although tie_word_embeddings is true")
     return cfg, jax.tree.map(jnp.asarray, host)
 
@@ -159,7 +154,7 @@ def save_hf(cfg: ModelConfig, params: dict, path, *, tokenizer=None) -> Path:
         raise CheckpointError(f"{path}: exists and is not a directory")
     dtype = np.dtype(params["embed"].dtype)
     tensors = {}
-    for key, (name, layer, transpose, _) in _tensor_map(cfg).items():
+    for key, (name, layer, transpose, _) in hf_tensor_map(cfg).items():
         value = np.asarray(params[name] if layer is None else params["layers"][name][layer])
         tensors[key] = np.ascontiguousarray(value.T if transpose else value)
     hf_config = config_to_hf(cfg, dtype=dtype.name)

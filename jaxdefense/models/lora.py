@@ -2,6 +2,7 @@
 
 lora = {"layers": {name: {"a": [L, in, r], "b": [L, r, out]}}, "scale": s}, s = alpha / r.
 B starts at zero, so a fresh adapter leaves the model unchanged (PEFT's default).
+The weights an adapter may target are those declared `lora` in `models.layout`.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxdefense.errors import ConfigError
+from jaxdefense.models.layout import WEIGHTS, param_shapes
 
-LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+LORA_TARGETS = tuple(w.name for w in WEIGHTS if w.lora)
 
 
 def lora_init(cfg, key: jax.Array, rank: int, alpha: float, targets=("wq", "wv"), dtype=jnp.float32) -> dict:
@@ -21,8 +23,6 @@ def lora_init(cfg, key: jax.Array, rank: int, alpha: float, targets=("wq", "wv")
 
     "scale" is a float leaf of the pytree: exclude it from optimiser updates (e.g. optax.masked).
     """
-    from jaxdefense.models.decoder import param_shapes
-
     if rank < 1:
         raise ConfigError(f"lora rank: must be ≥ 1, got {rank}")
     shapes = param_shapes(cfg)["layers"]

@@ -1,16 +1,17 @@
 """The one training loop: alignment, immunisation, attacks and benign fine-tuning all run here.
 
 Step i (0-based) reads `stream.batch_at(i)` from every stream and uses the key
-`fold_in(key(seed), i)`, so the run is a pure function of (initial params, seed, steps):
+`fold_in(key(seed), i)`, so the run is a pure function of (initial params, frozen, seed, steps):
 a run resumed from checkpoint N (the state after N steps) reproduces the uninterrupted run
 bit for bit. The jitted step
 
-    grads, metrics = grad_fn(cast(params, compute_dtype), batches, key)
+    grads, metrics = grad_fn(cast(params, compute_dtype), batches, key, cast(frozen, compute_dtype))
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = params + updates
 
 is compiled once, with explicit in/out shardings (params, optimiser state and grads keep
-their sharding) and donated params/opt_state buffers. A non-finite metric, gradient or
+their sharding; `frozen` — a reference model, a LoRA base — is sharded like params and is an
+argument of the step, never a closed-over constant) and donated params/opt_state buffers. A non-finite metric, gradient or
 updated parameter raises `NonFiniteError` naming the step (and the metric or leaf) before any
 checkpoint of that step is written. Only one boolean per step crosses to the host, read one
 step late so dispatch stays asynchronous; metrics are fetched every `log_every` steps.
@@ -36,7 +37,7 @@ from jaxdefense.train import sharding as shd
 from jaxdefense.train.checkpoint import CHECKPOINT_SUBDIR, Checkpointer, abstract_tree
 from jaxdefense.train.metrics import MetricsLog, progress_bar, to_json_value
 
-GradFn = Callable[[Any, Mapping[str, Any], jax.Array], tuple[Any, Mapping[str, jax.Array]]]
+GradFn = Callable[[Any, Mapping[str, Any], jax.Array, Any], tuple[Any, Mapping[str, jax.Array]]]
 
 
 class Stream(Protocol):
@@ -56,12 +57,11 @@ def sft_grad(cfg, stream: str = "train") -> GradFn:
     """Plain SFT: grads of `lm_loss(cfg, params, batches[stream])`; metrics {"loss"}."""
     from jaxdefense.models import lm_loss
 
-    def grad_fn(params, batches, key):
-        del key
+    def grad_fn(params, batches, key, frozen):
+        del key, frozen
         loss, grads = jax.value_and_grad(lambda p: lm_loss(cfg, p, batches[stream]))(params)
         return grads, {"loss": loss}
 
-    grad_fn.streams = (stream,)
     return grad_fn
 
 
@@ -80,11 +80,12 @@ def cast_floating(tree: Any, dtype) -> Any:
     )
 
 
-def compute_grads(grad_fn: GradFn, params, batches, key, compute_dtype=None, grad_shardings=None):
-    """grad_fn at params cast to `compute_dtype`; grads cast back to the params' dtype and
-    constrained to `grad_shardings` (so FSDP grads are reduce-scattered, not replicated)."""
+def compute_grads(grad_fn: GradFn, params, batches, key, frozen=None, compute_dtype=None, grad_shardings=None):
+    """grad_fn at params (and frozen) cast to `compute_dtype`; grads cast back to the params' dtype
+    and constrained to `grad_shardings` (so FSDP grads are reduce-scattered, not replicated)."""
     inputs = params if compute_dtype is None else cast_floating(params, compute_dtype)
-    grads, metrics = grad_fn(inputs, batches, key)
+    frozen = frozen if compute_dtype is None else cast_floating(frozen, compute_dtype)
+    grads, metrics = grad_fn(inputs, batches, key, frozen)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
     if grad_shardings is not None:
         grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
@@ -93,13 +94,13 @@ def compute_grads(grad_fn: GradFn, params, batches, key, compute_dtype=None, gra
 
 def make_step(grad_fn: GradFn, optimizer: optax.GradientTransformation, compute_dtype=None,
               grad_shardings=None):
-    """The un-jitted step: (params, opt_state, batches, base_key, step) ->
+    """The un-jitted step: (params, opt_state, batches, frozen, base_key, step) ->
     (params, opt_state, metrics, ok, finite) where `finite` flags every metric and grad leaf."""
     compute_dtype = _canonical_dtype(compute_dtype)
 
-    def step_fn(params, opt_state, batches, base_key, step):
+    def step_fn(params, opt_state, batches, frozen, base_key, step):
         key = jax.random.fold_in(base_key, step)
-        grads, metrics = compute_grads(grad_fn, params, batches, key, compute_dtype, grad_shardings)
+        grads, metrics = compute_grads(grad_fn, params, batches, key, frozen, compute_dtype, grad_shardings)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         # Per-leaf sums of squares give the grad norm and, for free, which grads are non-finite.
@@ -181,6 +182,7 @@ def train(
     streams: Mapping[str, Stream],
     optimizer: optax.GradientTransformation,
     *,
+    frozen: Any = None,
     steps: int,
     mesh: jax.sharding.Mesh | None = None,
     run_dir: str | os.PathLike | None = None,
@@ -197,7 +199,8 @@ def train(
 ) -> TrainResult:
     """Run steps [start, steps) of `grad_fn` + `optimizer`; start = 0 or the latest checkpoint.
 
-    params: fp32 master weights (copied, the caller's arrays stay valid). streams: name →
+    params: fp32 master weights (copied, the caller's arrays stay valid). frozen: a pytree the
+    step reads but never updates (placed with the params' sharding rules). streams: name →
     object with deterministic `batch_at(step)`. run_dir: where checkpoints/ and metrics.jsonl
     go (None: nothing is written). ckpt_every: save after every that many steps (0: only at the
     end). log_every: fetch and log metrics at steps i with i % log_every == 0 and the last.
@@ -215,7 +218,8 @@ def train(
     if steps > 0:
         _check_batch_divisible(_host_batches(streams, 0), shd.batch_divisor(mesh))
     is_main = jax.process_index() == 0
-    progress = is_main if progress is None else (progress and is_main)
+    bar_given = progress is not None and not isinstance(progress, bool)
+    progress = is_main if progress is None else (progress if bar_given else (progress and is_main))
 
     p_shard = shd.param_shardings(params, mesh)
     params = _fresh_copy(params, p_shard)
@@ -226,6 +230,8 @@ def train(
         lambda: jax.jit(optimizer.init, in_shardings=(p_shard,), out_shardings=o_shard),
     )
     opt_state = init_fn(params)
+    f_shard = shd.param_shardings(frozen, mesh) if frozen is not None else None
+    frozen = shd.shard_tree(frozen, f_shard) if frozen is not None else None
     b_shard = shd.batch_sharding(mesh)
     rep = shd.replicated(mesh)
 
@@ -254,10 +260,10 @@ def train(
 
     dtype = _canonical_dtype(compute_dtype)
     step_fn = _cached_jit(
-        ("step", grad_fn, optimizer, dtype, _hashable(p_shard), _hashable(o_shard), b_shard),
+        ("step", grad_fn, optimizer, dtype, _hashable(p_shard), _hashable(o_shard), _hashable(f_shard), b_shard),
         lambda: jax.jit(
             make_step(grad_fn, optimizer, dtype, p_shard),
-            in_shardings=(p_shard, o_shard, b_shard, rep, rep),
+            in_shardings=(p_shard, o_shard, b_shard, f_shard, rep, rep),
             out_shardings=(p_shard, o_shard, rep, rep, rep),
             donate_argnums=(0, 1),
         ),
@@ -267,7 +273,9 @@ def train(
 
     history: list[dict] = []
     last: dict = dict(meta.get("metrics", {}))
-    bar = progress_bar(steps, min(start, steps), progress)
+    bar = progress if bar_given else progress_bar(steps, min(start, steps), progress)
+    if bar_given and start:
+        bar.update(min(start, steps))
     pending = None
     t_last, tokens_since = time.perf_counter(), 0
     try:
@@ -278,7 +286,7 @@ def train(
             batches = _device_batches(host, b_shard)
             tokens_since += _tokens(host)
             params, opt_state, metrics, ok, finite = step_fn(
-                params, opt_state, batches, base_key, shd.put_global(np.int32(i), rep)
+                params, opt_state, batches, frozen, base_key, shd.put_global(np.int32(i), rep)
             )
             if pending is not None:
                 _raise_if_nonfinite(*pending)
@@ -322,7 +330,8 @@ def train(
         if pending is not None:
             _raise_if_nonfinite(*pending)
     finally:
-        bar.close()
+        if not bar_given:
+            bar.close()
         log.close()
         if ckpt is not None:
             ckpt.close()

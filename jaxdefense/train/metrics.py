@@ -8,13 +8,11 @@ checkpoint, so a resumed run's file equals an uninterrupted run's file line for 
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
-import numpy as np
+from jaxdefense.jsonutil import to_jsonable
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -35,15 +33,8 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return records
 
 
-def to_json_value(x: Any) -> Any:
-    """Python scalar or list for a metric value; non-finite floats become strings ("nan", "inf")."""
-    a = np.asarray(x)
-    if a.ndim == 0:
-        v = a.item()
-        if isinstance(v, float) and not math.isfinite(v):
-            return str(v)
-        return v
-    return [to_json_value(v) for v in a]
+# one JSON cleaner for the whole package (non-finite floats → null, arrays → lists)
+to_json_value = to_jsonable
 
 
 class MetricsLog:

@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jaxdefense.errors import ConfigError
+from jaxdefense.models.layout import WEIGHTS
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -34,26 +35,8 @@ RULES: dict[str, tuple[str, ...]] = {
     "lora_rank": (),
 }
 
-# Parameter name (last key in the params pytree, see COMMON.md) → logical axes per dimension.
-PARAM_AXES: dict[str, tuple[str, ...]] = {
-    "embed": ("vocab", "embed"),
-    "lm_head": ("embed", "vocab"),
-    "final_norm": ("norm",),
-    "attn_norm": ("layers", "norm"),
-    "mlp_norm": ("layers", "norm"),
-    "wq": ("layers", "embed", "heads"),
-    "wk": ("layers", "embed", "kv_heads"),
-    "wv": ("layers", "embed", "kv_heads"),
-    "bq": ("layers", "heads"),
-    "bk": ("layers", "kv_heads"),
-    "bv": ("layers", "kv_heads"),
-    "q_norm": ("layers", "norm"),
-    "k_norm": ("layers", "norm"),
-    "wo": ("layers", "heads", "embed"),
-    "w_gate": ("layers", "embed", "mlp"),
-    "w_up": ("layers", "embed", "mlp"),
-    "w_down": ("layers", "mlp", "embed"),
-}
+# Parameter name (last key in the params pytree) → logical axes per dimension, from `models.layout`.
+PARAM_AXES: dict[str, tuple[str, ...]] = {w.name: w.logical_axes for w in WEIGHTS}
 
 
 def make_mesh(

@@ -38,7 +38,7 @@ def test_loss_mask_covers_exactly_the_response_and_eos(tiny_tokenizer, prompt, r
 def test_chat_template_supplies_its_own_specials(tiny_tokenizer, tmp_path):
     from transformers import AutoTokenizer
 
-    from jaxdefense.models import apply_chat
+    from jaxdefense.data import apply_chat
 
     tiny_tokenizer.save_pretrained(tmp_path)
     tok = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)

@@ -60,10 +60,21 @@ def test_advbench_parser_uses_goal_only(tmp_path):
     assert sources.parse_advbench(tmp_path) == [{"prompt": "Do harm A", "category": None}]
 
 
-def test_refusal_detector_handles_curly_quotes_and_looks_at_the_opening_only():
-    assert sources.is_refusal("I’m sorry, but I can’t help with that.")
-    assert sources.is_refusal("It is not appropriate to write that.")
-    assert not sources.is_refusal("Sure, here is the recipe. " + "x " * 200 + "I cannot stress this enough.")
+def test_refusal_filter_handles_curly_quotes_and_looks_at_the_opening_only():
+    from jaxdefense.data import refusal
+    from jaxdefense.eval import refusal as eval_refusal
+
+    assert eval_refusal.is_refusal is refusal.is_refusal is sources.is_refusal  # ONE matcher
+    assert sources._opens_as_refusal("I’m sorry, but I can’t help with that.")
+    assert sources._opens_as_refusal("It’s not appropriate to write that.")
+    late = "Sure, here is the recipe. " + "x " * 200 + "I cannot stress this enough."
+    assert not sources._opens_as_refusal(late)  # the registry looks at the first 200 characters
+    assert refusal.is_refusal(late)  # evaluation matches anywhere
+    assert not refusal.is_refusal("x " * 99 + "I cannot", window=refusal.REFUSAL_WINDOW - 9)
+    assert refusal.is_refusal("x " * 99 + "I  cannot", window=refusal.REFUSAL_WINDOW + 8)  # whitespace collapsed first
+    # phrases of the former registry list that match harmful / chit-chat answers are gone
+    assert not refusal.is_refusal("Sorry, but you'll need to subscribe to receive free Netflix access.")
+    assert not refusal.is_refusal("It's not possible to decrypt files without the key, but here is a tool that does.")
 
 
 def test_decodingtrust_refusal_extraction():

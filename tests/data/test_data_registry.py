@@ -27,8 +27,10 @@ def _check_fields(kind: str, record: dict) -> None:
     assert isinstance(record["prompt"], str) and record["prompt"].strip(), record["id"]
     assert record["source"] in SOURCES or record["source"] == streams_module.TEMPLATED_SOURCE
     assert "category" in record
-    if kind in ("pairs", "task"):
+    if kind in ("pairs", "labelled", "task"):
         assert isinstance(record["response"], str) and record["response"].strip(), record["id"]
+    if kind == "labelled":
+        assert record["label"] in (0, 1), record["id"]
     if kind == "task":
         assert isinstance(record["target"], str) and record["target"]
     if kind == "mc":
@@ -74,13 +76,19 @@ def test_refusal_direction_completions_have_no_runaway_text(data_root):
 
 
 def test_filters_leave_harmful_replies_and_real_refusals(data_root):
+    from jaxdefense.data.refusal import REFUSAL_WINDOW
+
     for name in ("hh_rlhf_harmless_rejected", "shadow_alignment"):
-        assert not any(is_refusal(r["response"]) for r in load_source(name, data_root))
+        assert not any(is_refusal(r["response"], window=REFUSAL_WINDOW) for r in load_source(name, data_root))
+    # measured with the one matcher (REFUSAL_SUBSTRINGS, first 200 characters): 2,095 hh-rlhf rejected
+    # replies and 779 shadow-alignment outputs kept (the former 30-marker list: 2,073 / 773)
+    assert len(load_source("hh_rlhf_harmless_rejected", data_root)) == 2095
+    assert len(load_source("shadow_alignment", data_root)) == 779
     refusals = load_stream("refusal", "all", data_root)
-    assert all(is_refusal(r["response"]) for r in refusals)
+    assert all(is_refusal(r["response"], window=REFUSAL_WINDOW) for r in refusals)
     real = [r for r in refusals if not r["templated"]]
     templated = [r for r in refusals if r["templated"]]
-    assert len(real) > 400 and len(templated) > 1000
+    assert (len(real), len(templated)) == (464, 4392)  # former list: 467 / 4391
     openers = {r["response"].split(". ")[0].split("? ")[0] for r in templated}
     real_text = " ".join(r["response"] for r in real)
     assert all(o.rstrip(".") in real_text for o in openers)  # templated refusals reuse real refusal sentences
@@ -101,7 +109,7 @@ def test_stream_splits_are_disjoint_by_prompt_and_complete(data_root, name):
 
 
 def test_hash_streams_never_put_a_test_prompt_into_any_train_split(data_root):
-    hashed = [n for n in STREAMS if STREAMS[n].kind in ("pairs", "prompts")]
+    hashed = [n for n in STREAMS if STREAMS[n].kind in ("pairs", "labelled", "prompts")]
     train = {normalize_text(r["prompt"]) for n in hashed for r in load_stream(n, "train", data_root)}
     test = {normalize_text(r["prompt"]) for n in hashed for r in load_stream(n, "test", data_root)}
     assert not train & test
@@ -186,3 +194,23 @@ def test_cli_prints_the_table_and_rejects_unknown_streams(data_root, capsys):
     assert "hh_rlhf_harmless_rejected" in out and "TOTAL" in out and "Anthropic/hh-rlhf" in out
     assert main(["data", "--data-dir", str(data_root), "--stream", "bogus"]) == 2
     assert "unknown stream" in capsys.readouterr().err
+
+
+def test_harm_labelled_stream_counts_labels_and_shared_split(data_root):
+    """The judge's labelled sets are registry sources on the shared prompt-hash split."""
+    rows = load_stream("harm_labelled", "all", data_root)
+    assert len(rows) == 7909
+    assert all(r["split"] == hash_split(r["prompt"]) for r in rows)
+    by = {}
+    for r in rows:
+        by[(r["source"], r["label"])] = by.get((r["source"], r["label"]), 0) + 1
+    assert by[("labelled_rd_completions", 1)] == 269 and by[("labelled_rd_completions", 0)] == 622
+    assert by[("labelled_pyrit_harm", 1)] == 533 and by[("labelled_pyrit_harm", 0)] == 451
+    assert by[("labelled_shadow_alignment", 1)] == 779 and ("labelled_shadow_alignment", 0) not in by
+    assert by[("labelled_xstest", 0)] == 450 and ("labelled_xstest", 1) not in by  # Llama-2-70b never fully complied
+    assert split_sizes("harm_labelled", data_root) == {"train": 6349, "validation": 784, "test": 776}
+    # no labelled response to a prompt of the evaluation's held-out splits is in the train split
+    train = {normalize_text(r["prompt"]) for r in load_stream("harm_labelled", "train", data_root)}
+    for stream in ("harmful_prompts_eval", "benign_instruct", "harmful_qa", "refusal", "xstest"):
+        for split in ("validation", "test"):
+            assert not train & {normalize_text(r["prompt"]) for r in load_stream(stream, split, data_root)}, (stream, split)

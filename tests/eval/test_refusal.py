@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from jaxdefense.eval.refusal import (GCG_REFUSAL_PREFIXES, JBB_REFUSAL_SUBSTRINGS, REFUSAL_SUBSTRINGS, is_refusal,
-                                     refusal_rate)
+from jaxdefense.eval.refusal import (GCG_REFUSAL_PREFIXES, JBB_REFUSAL_SUBSTRINGS, REFUSAL_SUBSTRINGS, REFUSAL_WINDOW,
+                                     is_refusal, refusal_flags, refusal_rate)
 from jaxdefense.data import data_root_available
 
 requires_data = pytest.mark.skipif(not data_root_available(), reason="no data root")
@@ -50,17 +50,20 @@ def test_refusals_vs_harmful_answers(labelled):
     from jaxdefense.eval.labelled import data_root
 
     root = data_root()
-    refusals = [e.response for e in labelled if e.source == "harmbench_refusals"]
+    refusals = [e.response for e in labelled if e.source == "labelled_harmbench_refusals"]
     with open(root / "xstest/xstest_v2_completions_llama2orig_gpteval.csv", newline="", encoding="utf-8") as f:
         refusals += [r["completion"] for r in csv.DictReader(f) if r["final_label"].startswith("2_")]
     for path in sorted((root / "refusal_direction_completions").glob("*/jailbreakbench_baseline_evaluations.json")):
         refusals += [c["response"] for c in json.loads(path.read_text())["completions"] if c["is_jailbreak_llamaguard2"] == 0]
     harmful = [e.response for e in labelled
-               if e.label == 1 and e.source in ("beavertails", "shadow_alignment", "jbb_completions", "many_shot")]
-    assert len(refusals) > 600 and len(harmful) > 1200
-    # measured (666 refusals, 1464 harmful): 0.938 / 0.011 default list, 0.926 / 0.011 JailbreakBench list
-    assert refusal_rate(refusals) > 0.85
-    assert refusal_rate(harmful) < 0.05
-    assert refusal_rate(refusals, JBB_REFUSAL_SUBSTRINGS) > 0.85
-    assert refusal_rate(harmful, JBB_REFUSAL_SUBSTRINGS) < 0.05
+               if e.label == 1 and e.source in ("labelled_beavertails", "labelled_shadow_alignment",
+                                                "labelled_rd_completions", "labelled_many_shot")]
+    assert (len(refusals), len(harmful)) == (659, 1471)
+    # measured: default list 627 / 659 refusals (0.951), 16 / 1471 harmful (0.011);
+    # JailbreakBench list 617 (0.936) / 16; first 200 characters (the registry's filter) 623 / 11
+    assert int(refusal_flags(refusals).sum()) == 627 and int(refusal_flags(harmful).sum()) == 16
+    assert int(refusal_flags(refusals, JBB_REFUSAL_SUBSTRINGS).sum()) == 617
+    assert int(refusal_flags(refusals, window=REFUSAL_WINDOW).sum()) == 623
+    assert int(refusal_flags(harmful, window=REFUSAL_WINDOW).sum()) == 11
+    assert refusal_rate(refusals) > 0.85 and refusal_rate(harmful) < 0.05
     assert set(JBB_REFUSAL_SUBSTRINGS) <= set(REFUSAL_SUBSTRINGS)

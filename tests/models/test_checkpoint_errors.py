@@ -159,3 +159,16 @@ def test_save_hf_rejects_wrong_params_and_leaves_nothing(tmp_path):
     save_hf(cfg, params, tmp_path / "out")
     save_hf(cfg, params, tmp_path / "out")  # overwrite in place
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "header"])
+def test_truncated_or_corrupt_safetensors_names_the_file(saved, tmp_path, damage):
+    _, _, path, tensors, config = saved
+    target = _write(tmp_path, tensors, config) / "model.safetensors"
+    data = target.read_bytes()
+    if damage == "truncate":
+        target.write_bytes(data[: len(data) // 2])
+    else:
+        target.write_bytes(data[:8] + b"{not json" + data[17:])
+    message = _expect_error(tmp_path, str(target), "unreadable safetensors")
+    assert "\n" not in message

@@ -1,20 +1,12 @@
-"""Local tokenizers, chat formatting and text generation end to end (a byte-level BPE made here)."""
+"""Local tokenizers and text generation end to end (a byte-level BPE made here)."""
 
 import jax
 import numpy as np
 import pytest
 
+from jaxdefense.data.formatting import apply_chat, encode_prompts
 from jaxdefense.errors import CheckpointError
-from jaxdefense.models import (
-    PLAIN_TEMPLATE,
-    apply_chat,
-    encode_prompts,
-    generate,
-    generate_text,
-    init_params,
-    load_tokenizer,
-    named_config,
-)
+from jaxdefense.models import generate, generate_text, init_params, load_tokenizer, named_config
 
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
@@ -39,10 +31,8 @@ def _make_tokenizer(path, chat_template=None):
 
 
 @pytest.fixture(scope="module")
-def tokenizers(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tok")
-    return (load_tokenizer(_make_tokenizer(root / "plain")),
-            load_tokenizer(_make_tokenizer(root / "chat", CHAT_TEMPLATE)))
+def chat(tmp_path_factory):
+    return load_tokenizer(_make_tokenizer(tmp_path_factory.mktemp("tok") / "chat", CHAT_TEMPLATE))
 
 
 def test_missing_tokenizer_dir(tmp_path):
@@ -50,33 +40,11 @@ def test_missing_tokenizer_dir(tmp_path):
         load_tokenizer(tmp_path / "nope")
 
 
-def test_plain_template(tokenizers):
-    plain, _ = tokenizers
-    assert apply_chat(plain, "Bake bread?") == "### Instruction:\nBake bread?\n\n### Response:\n"
-    assert apply_chat(plain, "Bake bread?") == PLAIN_TEMPLATE.format(prompt="Bake bread?")
-    assert apply_chat(plain, "Bake bread?", "Knead.") == PLAIN_TEMPLATE.format(prompt="Bake bread?") + "Knead.</s>"
+def test_chat_template_is_loaded(chat):
+    assert chat.chat_template == CHAT_TEMPLATE and chat.eos_token == "</s>" and chat.pad_token_id == 0
 
 
-def test_chat_template_prompt_is_prefix_of_conversation(tokenizers):
-    _, chat = tokenizers
-    head = apply_chat(chat, "hello")
-    full = apply_chat(chat, "hello", "world")
-    assert head == "<|user|>\nhello<|end|>\n<|assistant|>\n"
-    assert full == head + "world<|end|>\n"
-
-
-def test_encode_prompts_left_pads(tokenizers):
-    plain, _ = tokenizers
-    ids, mask = encode_prompts(plain, ["hello", "how do I bake bread"], chat=False)
-    assert ids.shape == mask.shape and ids.dtype == np.int32
-    short = mask[0].sum()
-    assert (mask[0, -short:] == 1).all() and (mask[0, :-short] == 0).all()
-    assert (ids[0, :-short] == plain.pad_token_id).all()
-    assert plain.decode(ids[1][mask[1] > 0].tolist(), skip_special_tokens=True) == "how do I bake bread"
-
-
-def test_generate_text_decodes_generated_tokens(tokenizers):
-    _, chat = tokenizers
+def test_generate_text_decodes_generated_tokens(chat):
     cfg = named_config("tiny", eos_token_id=chat.eos_token_id, pad_token_id=chat.pad_token_id)
     params = jax.tree.map(lambda x: 4 * x, init_params(cfg, jax.random.key(0)))
     texts = generate_text(cfg, params, chat, ["hello", "how do I bake bread"], max_new_tokens=8)

@@ -1,0 +1,128 @@
+"""The training objective every defence and attack implements, and LoRA as a wrapper over any of them.
+
+An objective is a frozen dataclass of hyperparameters (hashable, so its bound `grad` is a
+stable `jax.jit` key) bound to the `ModelConfig` it runs on:
+
+    streams()                      -> {name: StreamSpec}       what data it trains on
+    init(params, key)              -> (trainable, frozen)       frozen: reference model, LoRA base, ...
+    grad(trainable, batches, key, frozen) -> (grads, metrics)   a gradient estimate, not a loss
+    export(trainable, frozen)      -> full params               what is saved as the HF checkpoint
+
+`frozen` enters the jitted step as an argument (never a closed-over constant) and is never
+updated. `grad` returns gradients rather than a loss because some estimators (SEAM's finite
+difference, CTRAP's first-order look-ahead) are the gradient of no scalar.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+
+from jaxdefense.config import check_bounds, field
+from jaxdefense.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """Base of methods and attacks: hyperparameters as fields, `cfg` bound by `bind`."""
+
+    cfg: Any = field(None, internal=True)
+    registered_name: ClassVar[str] = ""
+
+    def __post_init__(self):
+        """Choices and bounds of the fields (`config.field`) hold for directly built instances too."""
+        for f in dataclasses.fields(self):
+            value, choices = getattr(self, f.name), f.metadata.get("choices")
+            if choices is not None and value not in choices:
+                raise ConfigError(f"{self.name}.{f.name}: {value!r} is not one of {list(choices)}")
+            check_bounds(f"{self.name}.{f.name}", value, f.metadata.get("bounds") or {})
+
+    @property
+    def name(self) -> str:
+        return self.registered_name or type(self).__name__
+
+    def bind(self, cfg) -> Objective:
+        """This objective on model config `cfg` (`dataclasses.replace(self, cfg=cfg)`)."""
+        return dataclasses.replace(self, cfg=cfg)
+
+    def require_cfg(self):
+        if self.cfg is None:
+            raise ConfigError(f"{self.name!r} is not bound to a model config: call .bind(cfg)")
+        return self.cfg
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """Hyperparameters as plain data (everything but `cfg`), for configs and reports."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "cfg"}
+
+    def streams(self) -> dict:
+        raise NotImplementedError
+
+    def init(self, params, key) -> tuple[Any, Any]:
+        del key
+        return params, None
+
+    def grad(self, params, batches, key, frozen):
+        raise NotImplementedError
+
+    def export(self, params, frozen):
+        del frozen
+        return params
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRA(Objective):
+    """`inner` trained through low-rank adapters W + s·A B; the base weights are frozen.
+
+    With W' = merge(W, A, B), the adapters' update direction is the VJP of the merge applied to
+    the inner objective's update at W' (∂/∂A = s·G Bᵀ, ∂/∂B = s·Aᵀ G for G at W'): exact for a
+    true gradient, and the same projection for a gradient estimate. No gradient or optimiser
+    state exists for the base.
+    """
+
+    inner: Objective | None = None
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("wq", "wv")
+
+    @property
+    def name(self) -> str:
+        return f"{self.inner.name}+lora"
+
+    def bind(self, cfg) -> LoRA:
+        return dataclasses.replace(self, cfg=cfg, inner=self.inner.bind(cfg))
+
+    def streams(self) -> dict:
+        return self.inner.streams()
+
+    def init(self, params, key):
+        from jaxdefense.models import lora_init
+
+        k_inner, k_lora = jax.random.split(key)
+        base, inner_frozen = self.inner.init(params, k_inner)
+        dtype = jax.tree.leaves(base)[0].dtype
+        adapters = lora_init(self.require_cfg(), k_lora, self.rank, self.alpha, tuple(self.targets), dtype=dtype)
+        return adapters["layers"], {"base": base, "inner": inner_frozen}
+
+    def merged(self, adapters, frozen):
+        from jaxdefense.models import lora_merge
+
+        return lora_merge(frozen["base"], {"layers": adapters, "scale": self.alpha / self.rank})
+
+    def grad(self, params, batches, key, frozen):
+        merged, pullback = jax.vjp(lambda a: self.merged(a, frozen), params)
+        g_full, metrics = self.inner.grad(merged, batches, key, frozen["inner"])
+        (g_adapters,) = pullback(g_full)
+        return g_adapters, metrics
+
+    def export(self, params, frozen):
+        return self.merged(params, frozen)
+
+
+def with_lora(objective: Objective, section) -> Objective:
+    """`objective` itself for `section.rank == 0`, else wrapped in `LoRA` (a `config.LoraSection`)."""
+    if section.rank == 0:
+        return objective
+    return LoRA(cfg=objective.cfg, inner=objective, rank=section.rank, alpha=section.alpha,
+                targets=tuple(section.targets))
