@@ -85,8 +85,8 @@ def load(args, flags: dict[str, str], base: dict | None = None):
     return pipeline.load_run_config(path, overrides, base=base)
 
 
-def _progress(args):
-    return False if args.no_progress else None
+def _progress(args) -> bool:
+    return not args.no_progress
 
 
 def _shown(metrics: dict, keys=("loss", "l_ul", "l_up", "cos")) -> str:

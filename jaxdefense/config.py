@@ -107,6 +107,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
                 return _convert(arg, value, key)
             except ConfigError as e:
                 errors.append(e)
+        if len(errors) == 1:
+            raise errors[0]
         names = " or ".join(_type_name(a) for a in args)
         raise ConfigError(f"{key}: expected {names}, got {value!r}")
     if dataclasses.is_dataclass(tp):

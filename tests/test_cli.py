@@ -20,10 +20,10 @@ needs_data = pytest.mark.skipif(not data_root_available(), reason="shared data r
 # One tiny config shared by every CLI test (small BPE, few records, single device).
 TINY_RUN = {
     "model": {"name": "tiny"},
-    "data": {"tokenizer": "bpe:512", "streams": {"train": {
-        "source": "benign_instruct", "batch_size": 4, "max_len": 32, "limit": 128}}},
+    "method": {"name": "sft", "source": "benign_instruct", "limit": 128},
+    "data": {"tokenizer": "bpe:512", "batch_size": 4, "max_len": 32},
     "optimizer": {"name": "adamw", "lr": 3e-3, "schedule": "cosine", "warmup_steps": 5},
-    "steps": 160, "ckpt_every": 20, "log_every": 1, "seed": 3,
+    "steps": 160, "ckpt_every": 20, "log_every": 1, "seed": 3, "export_hf": False,
 }
 
 
@@ -50,6 +50,9 @@ def _main(capsys, *argv):
     (["--set", "data.streams.train.source=no_such_stream"], "data.streams.train.source"),
     (["--set", "data.tokenizer=/no/such/tokenizer"], "data.tokenizer"),
     (["--set", "mesh.fsdp=64"], "mesh"),
+    (["--set", "optimizer.lr=-1"], "optimizer.lr: must be > 0"),
+    (["--set", "data.streams.nonesuch.limit=3"], "data.streams.nonesuch: sft has no stream"),
+    (["--set", "method.name=nonesuch"], "method.name: unknown method"),
 ])
 @needs_data
 def test_bad_config_is_one_line_exit_2_and_leaves_no_run_dir(tmp_path, capsys, tiny_config, extra, names):

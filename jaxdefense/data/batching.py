@@ -9,7 +9,7 @@ loss_mask[t] = 1 marks token t as a target (predicted from position t − 1): th
 tokens and the EOS, never the prompt, never padding, never position 0.
 
 Tokenisation: prompt ids = tokenizer(format_prompt(prompt), add_special_tokens=not chat) —
-the same ids `jaxdefense.models.encode_prompts` feeds generation (BOS from the tokenizer for
+the same ids `jaxdefense.data.formatting.encode_prompts` feeds generation (BOS from the tokenizer for
 plain templates, the template's own specials for chat) — and response ids =
 tokenizer(response, add_special_tokens=False, split_special_tokens=True) + [eos], so a literal
 "</s>" inside a response stays text.

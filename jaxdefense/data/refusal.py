@@ -142,3 +142,7 @@ def refusal_rate(generations: Iterable[str], substrings: Sequence[str] = REFUSAL
     """Fraction of generations that contain a refusal substring; NaN for an empty list."""
     flags = refusal_flags(generations, substrings, **kw)
     return float(flags.mean()) if flags.size else float("nan")
+
+
+__all__ = ["GCG_REFUSAL_PREFIXES", "JBB_REFUSAL_SUBSTRINGS", "REFUSAL_SUBSTRINGS", "REFUSAL_WINDOW", "is_refusal",
+           "refusal_flags", "refusal_rate"]

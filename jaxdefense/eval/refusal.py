@@ -1,14 +1,6 @@
 """Refusal detection: re-exported from `jaxdefense.data.refusal` (the one matcher; see there)."""
 
-from jaxdefense.data.refusal import (
-    GCG_REFUSAL_PREFIXES,
-    JBB_REFUSAL_SUBSTRINGS,
-    REFUSAL_SUBSTRINGS,
-    REFUSAL_WINDOW,
-    is_refusal,
-    refusal_flags,
-    refusal_rate,
-)
+from jaxdefense.data import refusal as _one
+from jaxdefense.data.refusal import *  # noqa: F401,F403
 
-__all__ = ["GCG_REFUSAL_PREFIXES", "JBB_REFUSAL_SUBSTRINGS", "REFUSAL_SUBSTRINGS", "REFUSAL_WINDOW", "is_refusal",
-           "refusal_flags", "refusal_rate"]
+__all__ = list(_one.__all__)

@@ -65,10 +65,23 @@ def _data_available(data_dir) -> bool:
 
 
 class Progress:
-    """Adapter for evaluate's `progress`: a tqdm-like bar (`update`, `total`) or a callable
-    `progress(n_done_units, total_units, label)`; None does nothing. Units are rows."""
+    """Adapter for evaluate's `progress`: a tqdm-like bar (`update`, `total`), a callable
+    `progress(n_done_units, total_units, label)`, True (a tqdm bar on stderr, closed by `close`),
+    or None / False (nothing). Units are rows."""
 
     def __init__(self, progress, total: int):
+        self.own = progress is True
+        if progress is True:
+            import sys
+
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=int(total), file=sys.stderr, dynamic_ncols=True, unit="row", mininterval=0.5)
+        elif progress is False:
+            progress = None
+        elif progress is not None and not (hasattr(progress, "update") or callable(progress)):
+            raise TypeError(f"progress: expected a tqdm bar, a callable(done, total, label), True, False or None; "
+                            f"got {type(progress).__name__}")
         self.target, self.total, self.done, self.label = progress, int(total), 0, ""
         if progress is not None and hasattr(progress, "update"):
             progress.total = self.total
@@ -87,6 +100,10 @@ class Progress:
         """Advance to `upto` units done (parts whose row count shrank, e.g. empty generations)."""
         if upto > self.done:
             self.advance(upto - self.done)
+
+    def close(self) -> None:
+        if self.own and self.target is not None:
+            self.target.close()
 
     def _emit(self, n: int) -> None:
         t = self.target
@@ -132,8 +149,8 @@ def evaluate(
 
     settings: what to measure and how much (`EvalSettings`; counts of 0 turn a part off).
     judge: a `HarmJudge`-like scorer (default: `settings.harm_judge` if set, else `default_judge(data_dir)`).
-    progress: a tqdm bar or `callable(n_done, total, label)`; units are rows (prompts generated,
-      rows scored); the total is fixed before the first forward pass.
+    progress: a tqdm bar, `callable(n_done, total, label)`, True (own bar on stderr) or None/False;
+      units are rows (prompts generated, rows scored); the total is fixed before the first forward pass.
     prompts: harmful prompts to use instead of `settings.prompts_file` / the harmful_prompts_eval
       split (capped at `settings.harmful_prompts` when that is > 0). hf_judge: an already-built
       `HFClassifierJudge` (default: built from `settings.hf_judge` when set).
@@ -187,18 +204,12 @@ def evaluate(
         if s.nll_rows:
             for key, stream in (("harmful_nll", "harmful_qa"), ("benign_nll", "benign_instruct")):
                 nll_rows[key] = load_stream(stream, s.split, data_dir, limit=s.nll_rows)
-        for name in s.mc if s.mc_n else ():
-            rows = load_stream(name, s.split, data_dir, limit=s.mc_n)
-            if rows:
-                mc_rows[name] = rows
-            else:
-                report["skipped"][f"mc/{name}"] = f"no {s.split} rows"
-        for name in s.tasks if s.task_n else ():
-            rows = load_stream(name, s.split, data_dir, limit=s.task_n)
-            if rows:
-                task_rows[name] = rows
-            else:
-                report["skipped"][f"task/{name}"] = f"no {s.split} rows"
+        for kind, names, n, found in (("mc", s.mc, s.mc_n, mc_rows), ("task", s.tasks, s.task_n, task_rows)):
+            for name in names if n else ():
+                found[name] = load_stream(name, s.split, data_dir, limit=n)
+                if not found[name]:
+                    del found[name]
+                    report["skipped"][f"{kind}/{name}"] = f"no {s.split} rows"
     total = (2 * len(prompts) + 2 * len(benign) + sum(len(r) for r in nll_rows.values())
              + sum(len(r["choices"]) for rows in mc_rows.values() for r in rows)
              + sum(len(rows) for rows in task_rows.values()))
@@ -275,6 +286,7 @@ def evaluate(
         for name, rows in task_rows.items():
             report["tasks"][name] = part(f"task {name}", len(rows), lambda cb: M.task_accuracy(
                 cfg, params, tokenizer, name, rows, on_batch=cb, **kw))
+    bar.close()
     report["timings"]["total"] = round(time.perf_counter() - t0, 3)
     return report
 
@@ -364,6 +376,15 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: str | os.PathLike) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: str | os.PathLike, *,
                 xlabel: str = "step", ylabel: str = "", title: str | None = None, logy: bool = False) -> Path:
     """Line plot of named (x, y) series to a PNG; non-finite points are dropped."""
@@ -382,25 +403,14 @@ def plot_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], p
     if len(curves) > 1:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def read_metrics_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Rows of a run's metrics.jsonl (one JSON object per line)."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{i}: not JSON ({e.msg})") from e
-    return rows
+    """Rows of a run's metrics.jsonl (one JSON object per line); DataError naming the line otherwise."""
+    from jaxdefense.data.readers import read_jsonl
+
+    return read_jsonl(Path(path))
 
 
 def plot_metrics(metrics_path: str | os.PathLike, keys: Sequence[str], path: str | os.PathLike, *,
@@ -432,9 +442,4 @@ def plot_comparison(reports: Mapping[str, Mapping], keys: Sequence[str], path: s
         ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)

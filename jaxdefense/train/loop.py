@@ -80,7 +80,7 @@ def cast_floating(tree: Any, dtype) -> Any:
     )
 
 
-def compute_grads(grad_fn: GradFn, params, batches, key, frozen=None, compute_dtype=None, grad_shardings=None):
+def compute_grads(grad_fn: GradFn, params, batches, key, compute_dtype=None, grad_shardings=None, *, frozen=None):
     """grad_fn at params (and frozen) cast to `compute_dtype`; grads cast back to the params' dtype
     and constrained to `grad_shardings` (so FSDP grads are reduce-scattered, not replicated)."""
     inputs = params if compute_dtype is None else cast_floating(params, compute_dtype)
@@ -100,7 +100,7 @@ def make_step(grad_fn: GradFn, optimizer: optax.GradientTransformation, compute_
 
     def step_fn(params, opt_state, batches, frozen, base_key, step):
         key = jax.random.fold_in(base_key, step)
-        grads, metrics = compute_grads(grad_fn, params, batches, key, frozen, compute_dtype, grad_shardings)
+        grads, metrics = compute_grads(grad_fn, params, batches, key, compute_dtype, grad_shardings, frozen=frozen)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         # Per-leaf sums of squares give the grad norm and, for free, which grads are non-finite.

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxdefense.data import data_root_available, load_stream
-from jaxdefense.eval import EvalSettings, HeldOutMonitor, generate_samples, monitor_settings, refusal_rate
+from jaxdefense.eval import HeldOutMonitor, generate_samples, monitor_settings, refusal_rate
 
 requires_data = pytest.mark.skipif(not data_root_available(), reason="no data root")
 

@@ -50,6 +50,17 @@ def test_mask_covers_exactly_the_differing_positions():
     # row 1: ids differ at 3..7; the refusal pads at 5..7
     np.testing.assert_array_equal(np.asarray(adv["loss_mask"]), [[0, 0, 0, 0, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1, 1, 1]])
     np.testing.assert_array_equal(np.asarray(aln["loss_mask"]), [[0, 0, 0, 0, 1, 0, 1, 1], [0, 0, 0, 1, 1, 0, 0, 0]])
+    # pad == eos (GPT-2 / Llama-2 tokenizers): the shorter side's EOS (id 0) sits where the other
+    # side pads with 0; the EOS still differs from the other side's padding and stays in the mask
+    ids_h = np.array([[1, 5, 6, 7, 8, 0, 0, 0]], np.int32)   # harmful answer 7 8, EOS (=pad) at 5
+    ids_f = np.array([[1, 5, 6, 3, 0, 0, 0, 0]], np.int32)   # refusal 3, EOS at 4
+    attn_h, attn_f = np.array([[1, 1, 1, 1, 1, 1, 0, 0]]), np.array([[1, 1, 1, 1, 1, 0, 0, 0]])
+    m3 = np.zeros((1, 8), np.float32)
+    m3[:, 3:] = 1.0
+    adv, aln = seam_loss_masks({"input_ids": ids_h, "attention_mask": attn_h, "loss_mask": m3},
+                               {"input_ids": ids_f, "attention_mask": attn_f, "loss_mask": m3})
+    np.testing.assert_array_equal(np.asarray(adv["loss_mask"]), [[0, 0, 0, 1, 1, 1, 0, 0]])
+    np.testing.assert_array_equal(np.asarray(aln["loss_mask"]), [[0, 0, 0, 1, 1, 0, 0, 0]])
     with pytest.raises(DataError, match="paired"):
         seam_loss_masks({"input_ids": ids_a, "attention_mask": attn_a},
                         {"input_ids": ids_r[:, :6], "attention_mask": attn_r[:, :6]})
@@ -96,16 +107,16 @@ def test_unlearning_loss_is_the_official_logit_lens_form(params, data):
 
 
 def test_three_estimators_give_the_same_update(params, data):
-    """float32, ε = 1e-3: forward/central agree with the exact HVP form of ∇cos."""
-    base = SEAM(cfg=CFG, beta=1.0)
-    methods = {e: SEAM(cfg=CFG, beta=1.0, estimator=e) for e in ("exact", "forward", "central")}
+    """float32, ε = 1e-3: forward/central agree with the exact HVP form of ∇cos; α = 0.7, β = 1.6."""
+    base = SEAM(cfg=CFG, alpha=0.7, beta=1.6)
+    methods = {e: SEAM(cfg=CFG, alpha=0.7, beta=1.6, estimator=e) for e in ("exact", "forward", "central")}
 
     @jax.jit
     def all_estimates(p, batches):
         adv, aln, ben = base.masked_batches(batches)
         g_primary = jax.grad(lambda q: base.primary_loss(q, adv, aln)[0])(p)
         sd = {e: m.sd_grad(p, adv, ben)[1] for e, m in methods.items()}
-        return g_primary, sd, methods["forward"].grad(p, batches)
+        return g_primary, sd, methods["forward"].grad(p, batches, None, None)
 
     batches = {k: {f: jnp.asarray(x) for f, x in v.items()} for k, v in data.batches(1).items()}
     g_primary, sd, (grads, metrics) = all_estimates(params, batches)
@@ -122,18 +133,41 @@ def test_three_estimators_give_the_same_update(params, data):
     assert rel["forward"] < 5e-3, rel
     assert rel["central"] < 1e-3 and rel["central"] < rel["forward"] / 4, rel
     # and the full method returns primary + β·sd
-    expected = jax.tree.map(jnp.add, g_primary, sd["forward"])
+    expected = jax.tree.map(lambda a, b: a + 1.6 * b, g_primary, sd["forward"])
     err = float(tree_norm(jax.tree.map(jnp.subtract, grads, expected)) / tree_norm(expected))
     assert err < 1e-5
     assert set(metrics) >= {"l_ul", "l_up", "cos", "grad_norm_a", "grad_norm_b", "grad_norm_sd", "loss"}
     assert -1.0 <= float(metrics["cos"]) <= 1.0
 
 
+def test_exact_update_is_the_gradient_of_the_composed_scalar_in_float64(params, data):
+    """estimator "exact": grads = ∇[L_ul + α·L_up + β·cos(∇ℓ_adv, ∇ℓ_ben)] by autodiff of the whole scalar."""
+    with jax.enable_x64(True):
+        p64 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), params)
+        batches = {k: {f: jnp.asarray(x) for f, x in v.items()} for k, v in data.batches(2).items()}
+        m = SEAM(cfg=CFG, alpha=0.7, beta=1.6, estimator="exact", unlearning="log")
+
+        def composed(p):
+            adv, aln, ben = m.masked_batches(batches)
+            primary = m.primary_loss(p, adv, aln)[0]
+            g_a, g_b = jax.grad(m.ce_loss)(p, adv), jax.grad(m.ce_loss)(p, ben)
+            return primary + 1.6 * tree_vdot(g_a, g_b) / (tree_norm(g_a) * tree_norm(g_b))
+
+        ref = jax.jit(jax.grad(composed))(p64)
+        got, metrics = jax.jit(lambda p: m.grad(p, batches, None, None))(p64)
+        err = float(tree_norm(jax.tree.map(jnp.subtract, got, ref)) / tree_norm(ref))
+        assert err < 1e-6, err  # 4e-8 measured: float32 RoPE tables and curvature accumulations
+        assert jax.tree.leaves(got)[0].dtype == jnp.float64
+
+
 def test_get_method_builds_and_coerces():
-    m = get_method("seam", cfg=CFG, beta="1", estimator="exact", benign_full_sequence="false")
-    assert isinstance(m, SEAM) and m.beta == 1.0 and m.estimator == "exact" and m.benign_full_sequence is False
-    assert m.streams == ("adversarial", "alignment", "benign")
-    assert hash(m) == hash(SEAM(cfg=CFG, beta=1.0, estimator="exact", benign_full_sequence=False))
+    m = get_method("seam", cfg=CFG, beta="1.5", estimator="exact", benign_full_sequence=False)
+    assert isinstance(m, SEAM) and m.beta == 1.5 and m.estimator == "exact" and m.benign_full_sequence is False
+    streams = m.streams()
+    assert list(streams) == ["adversarial", "alignment", "benign"]
+    assert (streams["adversarial"].source, streams["adversarial"].half) == ("harmful_qa", "defender")
+    assert (streams["alignment"].source, streams["alignment"].pair_with) == ("refusal", "adversarial")
+    assert hash(m) == hash(SEAM(cfg=CFG, beta=1.5, estimator="exact", benign_full_sequence=False))
     assert SEAM().eps == 1e-3 and SEAM().alpha == 1.0 and SEAM().beta == 0.01 and SEAM().estimator == "forward"
 
 
@@ -158,7 +192,7 @@ def test_seam_lowers_held_out_gradient_cosine(params, data):
     from jaxdefense.train import train
 
     method = SEAM(cfg=CFG, beta=1.0)
-    streams = {name: StreamView(data, name) for name in method.streams}
+    streams = {name: StreamView(data, name) for name in method.streams()}
     before = _held_out_cos(method, params, data)
     result = train(params, method.grad, streams, optax.adam(3e-3), steps=30, log_every=10, progress=False)
     after = _held_out_cos(method, result.params, data)
@@ -169,12 +203,13 @@ def test_seam_lowers_held_out_gradient_cosine(params, data):
 
 
 @pytest.mark.parametrize("name, hparams, needle", [
-    ("nope", {}, "unknown method 'nope' (known: seam"),
-    ("seam", {"gamma": 1.0}, "no hyperparameter 'gamma'"),
-    ("seam", {"beta": "lots"}, "hyperparameter 'beta': expected float"),
-    ("seam", {"estimator": "backward"}, "estimator"),
-    ("seam", {"eps": 0.0}, "eps"),
-    ("seam", {"benign_full_sequence": "maybe"}, "expected bool"),
+    ("nope", {}, "method.name: unknown method 'nope' (known: seam"),
+    ("seam", {"gamma": 1.0}, "method.gamma: unknown key"),
+    ("seam", {"beta": "lots"}, "method.beta: expected float"),
+    ("seam", {"beta": -1.0}, "method.beta: must be >= 0"),
+    ("seam", {"estimator": "backward"}, "method.estimator: 'backward' is not one of"),
+    ("seam", {"eps": 0.0}, "method.eps: must be > 0"),
+    ("seam", {"benign_full_sequence": "maybe"}, "method.benign_full_sequence: expected bool"),
 ])
 def test_get_method_rejects_bad_names_and_values(name, hparams, needle):
     from jaxdefense.errors import ConfigError

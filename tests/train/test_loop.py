@@ -103,8 +103,8 @@ def test_resume_is_bit_identical(tmp_path):
 def test_nonfinite_gradient_is_named():
     params, grad_fn = toy_problem()
 
-    def bad_grad_fn(params, batches, key):
-        grads, metrics = grad_fn(params, batches, key)
+    def bad_grad_fn(params, batches, key, frozen):
+        grads, metrics = grad_fn(params, batches, key, frozen)
         return {**grads, "b": grads["b"] * jnp.inf}, metrics
 
     with pytest.raises(NonFiniteError, match=r"non-finite gradient of \['b'\] at step 0"):

@@ -16,11 +16,11 @@ from jaxdefense.train import read_metrics
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = {
     "model": {"name": "tiny"},
-    "data": {"tokenizer": "bpe:512", "streams": {"train": {
-        "source": "benign_instruct", "batch_size": 8, "max_len": 32, "limit": 128}}},
+    "method": {"name": "sft", "source": "benign_instruct", "limit": 128},
+    "data": {"tokenizer": "bpe:512", "batch_size": 8, "max_len": 32},
     "optimizer": {"name": "adamw", "lr": 3e-3},
     "mesh": {"fsdp": 2, "tensor": 2},
-    "steps": 6, "ckpt_every": 3, "log_every": 1, "seed": 1,
+    "steps": 6, "ckpt_every": 3, "log_every": 1, "seed": 1, "export_hf": False,
 }
 
 pytestmark = [pytest.mark.slow,

@@ -5,7 +5,7 @@ import pytest
 from jax.sharding import AxisType, PartitionSpec as P
 
 from jaxdefense.errors import ConfigError
-from jaxdefense.models import forward, init_params, named_config
+from jaxdefense.models import forward, init_params, named_config, param_axes
 from jaxdefense.train import batch_sharding, logical_to_spec, make_mesh, param_shardings, param_specs
 from jaxdefense.train.sharding import RULES, state_shardings
 from train_helpers import TINY, CountingStream, tiny_params
@@ -36,6 +36,22 @@ def test_param_specs_follow_rules():
     assert specs["layers"]["bq"] == P(None, "tensor")
     # batch over (data, fsdp)
     assert batch_sharding(make_mesh(data=2, fsdp=4)).spec == P(("data", "fsdp"))
+
+
+@pytest.mark.parametrize("cfg", [named_config("tiny-qwen2", tie_embeddings=False), named_config("tiny-qwen3")])
+def test_name_rules_agree_with_the_weight_table(cfg):
+    """param_specs (by leaf name) equals the spec of each leaf's param_axes entry, for every weight."""
+    mesh = make_mesh(fsdp=4, tensor=2)
+    abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    from_table = jax.tree.map(lambda ax, p: logical_to_spec(ax, p.shape, mesh), param_axes(cfg), abstract,
+                              is_leaf=lambda x: isinstance(x, tuple))
+    specs = param_specs(abstract, mesh)
+    assert specs == from_table
+    assert specs["layers"]["wv"] == P(None, "fsdp", "tensor")
+    if cfg.qk_norm:
+        assert specs["layers"]["q_norm"] == P()
+    else:
+        assert specs["layers"]["bk"] == P(None, "tensor") and specs["lm_head"] == P("fsdp", "tensor")
 
 
 def test_indivisible_dims_fall_back_to_replication():

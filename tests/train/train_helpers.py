@@ -54,14 +54,15 @@ def tiny_params():
 @functools.cache
 def tiny_grads_jit():
     """Single-device jitted SFT grads of the tiny model (shared reference)."""
-    return jax.jit(lambda p, b: SFT(p, b, jax.random.key(0)))
+    return jax.jit(lambda p, b: SFT(p, b, jax.random.key(0), None))
 
 
 def toy_problem():
     """Model-free params/grad_fn (compiles in milliseconds): loss = mean((w·x − y)²)."""
     params = {"w": np.zeros((4,), np.float32), "b": np.zeros((), np.float32)}
 
-    def grad_fn(params, batches, key):
+    def grad_fn(params, batches, key, frozen):
+        del frozen
         x, y = batches["toy"]["x"], batches["toy"]["y"]
 
         def loss(p):
