@@ -163,11 +163,9 @@ def verdicts(rows: list[dict], curves: dict, lrs, defence: str, factor: float = 
 
 
 def _fmt(v) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return "nan" if not math.isfinite(v) else f"{v:.3f}"
-    return str(v)
+    from jaxdefense.eval.report import format_value
+
+    return format_value(v, ".3f")
 
 
 def table(rows: list[dict]) -> str:
@@ -354,7 +352,7 @@ def total_units(p: DemoPlan) -> int:
     return defence_steps + models * attack_steps + models * (1 + len(p.attacks))
 
 
-def _row(defence: str, kind: str, lr, rep: dict, accuracy) -> dict:
+def report_row(defence: str, kind: str, lr, rep: dict, accuracy) -> dict:
     return {"defence": defence, "attack": kind, "lr": lr, **{k: rep.get(k) for k in ROW_FIELDS if k != "task_accuracy"},
             "task_accuracy": accuracy, "judge_harmful_score": rep.get("judge_harmful_score"),
             "repetition": rep.get("repetition")}
@@ -365,7 +363,6 @@ def _row(defence: str, kind: str, lr, rep: dict, accuracy) -> dict:
 
 def run_demo(cfg: DemoConfig, out, data_dir=None, *, quick: bool = False, progress: bool = True, log=None) -> dict:
     """The whole demo; writes out/{report.json, report.md, *.png, config.yaml, runs/} and returns the report."""
-    import dataclasses as dc
 
     import jax
     from tqdm.auto import tqdm
@@ -438,7 +435,7 @@ def run_demo(cfg: DemoConfig, out, data_dir=None, *, quick: bool = False, progre
                                 model=(mcfg, params), tokenizer=tokenizer, title=f"{defence} after {kind}")
         bar.update(1)
         run_dirs.append(f"runs/eval/{where}")
-        rows.append(_row(defence, kind, lr, rep, summary.get("task_accuracy")))
+        rows.append(report_row(defence, kind, lr, rep, summary.get("task_accuracy")))
         for s in rep.get("samples", [])[: p.evaluation.eval.samples]:
             samples.append({"defence": defence, "attack": kind, "lr": lr, **s})
     lap("evaluation", t)

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from jaxdefense import cli
-from jaxdefense.base_model import (ASSET_DIR, MAX_ASSET_BYTES, AlignConfig, BaseBuildConfig, CorpusConfig,
-                                   EvalConfig, ModelSpec, PhaseConfig, build_base, pretraining_texts)
+from jaxdefense.base_model import (ASSET_DIR, MAX_ASSET_BYTES, AlignConfig, BaseBuildConfig, CorpusConfig, ModelSpec,
+                                   PhaseConfig, build_base, phase_config, phase_objective, pretraining_texts)
+from jaxdefense.eval.settings import EvalSettings
 from jaxdefense.config import load_config, to_dict
 from jaxdefense.data import data_root_available
 
@@ -72,7 +73,20 @@ def tiny_build() -> BaseBuildConfig:
         pretrain=PhaseConfig(steps=3, batch_size=8, lr=3e-3, warmup_steps=1),
         align=PhaseConfig(steps=2, batch_size=8, lr=1e-3, warmup_steps=1),
         alignment=AlignConfig(benign_limit=40),
-        eval=EvalConfig(nll_examples=8, harmful_prompts=8, benign_prompts=8, max_new_tokens=8, batch_size=8))
+        eval=EvalSettings(nll_rows=8, harmful_prompts=8, benign_prompts=8, max_new_tokens=8, batch_size=8,
+                          max_len=32, mc=[], tasks=[]))
+
+
+def test_phases_are_pipeline_runs_with_the_one_optimiser():
+    cfg = tiny_build()
+    pre, align = phase_config(cfg, "pretrain"), phase_config(cfg, "align")
+    o = pre.optimizer
+    assert (o.name, o.lr, o.schedule, o.warmup_steps, o.final_lr_fraction, o.b1, o.b2, o.weight_decay, o.clip) == (
+        "adamw", 3e-3, "cosine", 1, 0.1, 0.9, 0.95, 0.1, 1.0)
+    assert (pre.data.template, pre.data.streams["train"].options, pre.data.max_len, pre.steps) == ("raw", {"pack": True}, 32, 3)
+    assert (align.data.template, align.seed, align.optimizer.lr) == ("chat", cfg.seed + 1, 1e-3)
+    assert phase_objective(cfg, "pretrain").first_token_weight == 0
+    assert phase_objective(cfg, "align").first_token_weight == cfg.alignment.first_token_weight == 5.0
 
 
 @needs_data
@@ -124,6 +138,8 @@ def test_yaml_config_equals_builtin_defaults():
 @pytest.mark.parametrize("argv", [
     ["build-base", "--set", "model.width=3"],
     ["build-base", "--set", "pretrain.steps=0"],
+    ["build-base", "--set", "align.lr=-1"],
+    ["build-base", "--set", "eval.harmful_prompts=-3"],
     ["build-base", "--minutes", "0"],
     ["build-base", "--data-dir", "/nonexistent/data/root"],
 ])

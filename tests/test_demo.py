@@ -11,9 +11,8 @@ import pytest
 
 from jaxdefense import cli
 from jaxdefense.base_model import ASSET_DIR
-from jaxdefense.config import load_config, to_dict
 from jaxdefense.data import data_root_available
-from jaxdefense.demo import ROW_FIELDS, DemoConfig, early_rise, verdicts
+from jaxdefense.demo import ROW_FIELDS, early_rise, load_demo_config, plan, total_units, verdicts
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,10 +30,11 @@ def test_demo_quick_end_to_end(tmp_path):
     report = json.loads((out / "report.json").read_text())
     rows = report["rows"]
     keys = {(r["defence"], r["attack"], r["lr"]) for r in rows}
-    lrs = report["config"]["attack"]["harmful_lrs"]
+    attacks = report["config"]["attacks"]
+    lrs = [a["optimizer"]["lr"] for a in attacks.values() if a["attack"]["name"] == "harmful_sft"]
     expected = {(d, "none", None) for d in ("none", "seam")}
     expected |= {(d, "harmful_sft", lr) for d in ("none", "seam") for lr in lrs}
-    expected |= {(d, "benign_sft", report["config"]["attack"]["benign_lr"]) for d in ("none", "seam")}
+    expected |= {(d, "benign_sft", attacks["benign_sst2"]["optimizer"]["lr"]) for d in ("none", "seam")}
     assert keys == expected and len(rows) == len(expected) == 10
     for r in rows:
         for field in ROW_FIELDS:
@@ -52,14 +52,23 @@ def test_demo_quick_end_to_end(tmp_path):
     v = report["verdict"]
     assert isinstance(v["self_destructs"], bool) and isinstance(v["benign_ok"], bool)
     assert isinstance(v["early_self_destructs"], bool)
+    steps = {a["steps"] for a in attacks.values()}
     for curve in report["curves"].values():
-        assert [c["step"] for c in curve] == list(range(report["config"]["attack"]["steps"] + 1))
+        assert [c["step"] for c in curve] == list(range(max(steps) + 1))
+    # every run wrote its own directory with the resolved config and metrics
+    for rel in report["run_dirs"]:
+        assert (out / rel / "config.yaml").is_file(), rel
+    for rel in [r for r in report["run_dirs"] if not r.startswith("runs/eval")]:
+        assert (out / rel / "metrics.jsonl").is_file() and any((out / rel / "checkpoints").iterdir()), rel
+    assert len(report["run_dirs"]) == 1 + 8 + 10
+    assert "demo:" in proc.stderr  # the one progress bar
     for name in report["plots"]:
         assert (out / name).stat().st_size > 1000
     assert {"attack_curves.png", "attack_curves_early.png", "seam_training.png"} <= set(report["plots"])
     md = (out / "report.md").read_text()
-    assert "| defence | attack | lr |" in md and "cos(g_harmful, g_benign)" in md
-    assert (out / "seam_model" / "model.safetensors").exists()
+    assert "| defence | attack | lr |" in md and "cos(g_harmful, g_benign)" in md and "benign_refusal_rate" in md
+    assert all(0 <= r["benign_refusal_rate"] <= 1 for r in rows)
+    assert (out / "runs" / "immunize" / "seam" / "hf" / "model.safetensors").exists()
 
 
 def _curve(values):
@@ -83,28 +92,41 @@ def test_verdicts_compare_rises_against_twice_the_undefended_rise():
         "none|harmful_sft|0.003": _curve([3.0, 3.1, 3.2]),
         "seam|harmful_sft|0.003": _curve([3.1, 3.6, 3.4]),
     }
-    v = verdicts(rows, curves, [1e-3, 3e-3])
+    v = verdicts(rows, curves, [1e-3, 3e-3], "seam")
     assert v["self_destruct_by_lr"]["0.001"]["holds"] and not v["self_destruct_by_lr"]["0.003"]["holds"]
-    assert v["self_destruct_by_lr"]["0.003"]["seam_rise"] == pytest.approx(0.7)
+    assert v["self_destruct_by_lr"]["0.003"]["defended_rise"] == pytest.approx(0.7)
     assert not v["self_destructs"]
     assert v["early_self_destructs"]  # 0.4 ≥ 2·0.1 and 0.5 ≥ 2·0.2
     assert early_rise(curves, "seam", 3e-3) == pytest.approx(0.5)
     assert v["benign_ok"] and v["benign_accuracy"]["difference"] == pytest.approx(-0.04)
     rows[-1]["task_accuracy"] = 0.70
-    assert not verdicts(rows, curves, [1e-3, 3e-3])["benign_ok"]
+    assert not verdicts(rows, curves, [1e-3, 3e-3], "seam")["benign_ok"]
     rows[3]["benign_nll"] = 3.05  # SEAM's benign NLL falls: no self-destruction even if undefended falls more
     rows[2]["benign_nll"] = 2.5
-    assert not verdicts(rows, curves, [1e-3])["self_destruct_by_lr"]["0.001"]["holds"]
+    assert not verdicts(rows, curves, [1e-3], "seam")["self_destruct_by_lr"]["0.001"]["holds"]
 
 
-def test_yaml_config_equals_builtin_defaults():
-    assert to_dict(load_config(REPO / "configs" / "demo.yaml", DemoConfig)) == to_dict(DemoConfig())
+def test_demo_plan_is_pipeline_configs_and_quick_shrinks_it():
+    full, quick = plan(load_demo_config()), plan(load_demo_config(quick=True))
+    seam = full.defences["seam"]
+    assert (seam.method.name, seam.method.beta, seam.method.estimator, seam.steps) == ("seam", 1.0, "exact", 100)
+    o = seam.optimizer
+    assert (o.lr, o.warmup_steps, o.final_lr_fraction, o.b2, o.clip) == (3e-4, 10, 0.1, 0.95, 1.0)
+    assert {a.attack.name for a in full.attacks.values()} == {"harmful_sft", "benign_sft"}
+    assert sorted(a.optimizer.lr for a in full.attacks.values() if a.attack.name == "harmful_sft") == [2e-4, 1e-3, 3e-3]
+    assert all(a.eval.every == 1 and a.eval.split == "validation" for a in full.attacks.values())
+    assert full.evaluation.eval.split == "test" and full.evaluation.eval.benign_prompts > 0
+    # 100 SEAM steps + 2 models × 4 attacks × 30 steps + 2 × (1 + 4) evaluations
+    assert total_units(full) == 100 + 2 * 120 + 10
+    assert quick.defences["seam"].steps == 3 and all(a.steps == 2 for a in quick.attacks.values())
+    assert quick.defences["seam"].data.streams["adversarial"].limit == 32
 
 
 @pytest.mark.parametrize("argv", [
-    ["demo", "--set", "seam.steps=0"],
-    ["demo", "--set", "seam.estimator=magic"],
-    ["demo", "--set", "attack.harmful_lrs=[]"],
+    ["demo", "--set", "defences.seam.steps=0"],
+    ["demo", "--set", "defences.seam.method.estimator=magic"],
+    ["demo", "--set", "attacks.harmful_low.optimizer.lr=-1"],
+    ["demo", "--set", "attacks={}"],
     ["demo", "--set", "no_such_key=1"],
     ["demo", "--quick", "--data-dir", "/nonexistent/data/root"],
     ["demo", "--config", "/nonexistent/demo.yaml"],

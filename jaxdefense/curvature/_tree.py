@@ -84,24 +84,21 @@ def tree_size(a) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(a))
 
 
-def tree_random_normal(key, like, dtype=None):
-    """Standard normal pytree with the structure and shapes of `like`."""
+def _tree_random(sample, key, like, dtype):
+    """`sample(key, shape, dtype)` per leaf of `like`, one split key each, in the leaves' accumulation dtype."""
     leaves, treedef = jax.tree.flatten(like)
     keys = jax.random.split(key, len(leaves))
-    out = [
-        jax.random.normal(k, x.shape, dtype or acc_dtype(x.dtype)) for k, x in zip(keys, leaves)
-    ]
-    return jax.tree.unflatten(treedef, out)
+    return jax.tree.unflatten(treedef, [sample(k, x.shape, dtype or acc_dtype(x.dtype)) for k, x in zip(keys, leaves)])
+
+
+def tree_random_normal(key, like, dtype=None):
+    """Standard normal pytree with the structure and shapes of `like`."""
+    return _tree_random(jax.random.normal, key, like, dtype)
 
 
 def tree_random_rademacher(key, like, dtype=None):
     """±1 pytree with the structure and shapes of `like`."""
-    leaves, treedef = jax.tree.flatten(like)
-    keys = jax.random.split(key, len(leaves))
-    out = [
-        jax.random.rademacher(k, x.shape, dtype or acc_dtype(x.dtype)) for k, x in zip(keys, leaves)
-    ]
-    return jax.tree.unflatten(treedef, out)
+    return _tree_random(jax.random.rademacher, key, like, dtype)
 
 
 def tree_random_unit(key, like, dtype=None):

@@ -297,12 +297,16 @@ def evaluate(
 _jsonable = to_jsonable  # the one JSON cleaner (jaxdefense.jsonutil); old name kept for callers
 
 
-def _fmt(v) -> str:
+def format_value(v, spec: str = ".4g") -> str:
+    """A table cell: "–" for None, "nan" for a non-finite float, else `format(v, spec)` / str(v)."""
     if v is None:
         return "–"
     if isinstance(v, float):
-        return "nan" if not math.isfinite(v) else f"{v:.4g}"
+        return "nan" if not math.isfinite(v) else format(v, spec)
     return str(v)
+
+
+_fmt = format_value
 
 
 def _cell(text: str, limit: int = 160) -> str:
