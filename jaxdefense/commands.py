@@ -76,6 +76,8 @@ def load(args, flags: dict[str, str], base: dict | None = None):
     from jaxdefense.train import distributed
 
     distributed.initialize_from_args(args)
+    if hasattr(args, "resume"):
+        pipeline.check_out(Path(args.out), args.resume)
     import_modules(args.imports)
     overrides = [*_flags(args, flags), *(args.set or [])]
     path = args.config
