@@ -4,9 +4,17 @@ An objective is a frozen dataclass of hyperparameters (hashable, so its bound `g
 stable `jax.jit` key) bound to the `ModelConfig` it runs on:
 
     streams()                      -> {name: StreamSpec}       what data it trains on
+    prepare(tokenizer)             -> objective                 token ids it needs (e.g. CTRAP's "error")
+    build_records(records, model_cfg, params, tokenizer) -> (records, report)
+                                                                data-construction methods (SDD) make
+                                                                their training records here; a
+                                                                non-empty report is saved as
+                                                                DIR/data_report.json
     init(params, key)              -> (trainable, frozen)       frozen: reference model, LoRA base, ...
     grad(trainable, batches, key, frozen) -> (grads, metrics)   a gradient estimate, not a loss
     export(trainable, frozen)      -> full params               what is saved as the HF checkpoint
+
+The pipeline calls them in this order; only `streams` and `grad` have no default.
 
 `frozen` enters the jitted step as an argument (never a closed-over constant) and is never
 updated. `grad` returns gradients rather than a loss because some estimators (SEAM's finite
@@ -59,6 +67,18 @@ class Objective:
     def streams(self) -> dict:
         raise NotImplementedError
 
+    def prepare(self, tokenizer) -> Objective:
+        """This objective with what it needs from the tokenizer resolved (default: itself)."""
+        del tokenizer
+        return self
+
+    def build_records(self, records: dict, model_cfg, params, tokenizer) -> tuple[dict, dict]:
+        """(records of the streams to train on, report) from those loaded for `streams()` (default: as
+        loaded, no report). A data-construction method returns new records; streams it leaves out
+        are not batched; its report (e.g. a similarity distribution) is saved with the run."""
+        del model_cfg, params, tokenizer
+        return records, {}
+
     def init(self, params, key) -> tuple[Any, Any]:
         del key
         return params, None
@@ -95,6 +115,12 @@ class LoRA(Objective):
 
     def streams(self) -> dict:
         return self.inner.streams()
+
+    def prepare(self, tokenizer) -> LoRA:
+        return dataclasses.replace(self, inner=self.inner.prepare(tokenizer))
+
+    def build_records(self, records, model_cfg, params, tokenizer):
+        return self.inner.build_records(records, model_cfg, params, tokenizer)
 
     def init(self, params, key):
         from jaxdefense.models import lora_init

@@ -36,6 +36,7 @@ TOKENIZER_DIR = "tokenizer"
 HF_DIR = "hf"
 ATTACK_FILE = "attack.json"
 EVAL_CURVES_FILE = "eval.jsonl"
+DATA_REPORT_FILE = "data_report.json"
 RESUMABLE_CHANGES = ("steps", "log_every", "ckpt_every", "data.dir", "eval")
 
 
@@ -246,12 +247,17 @@ def fit(config: RunConfig, objective: Objective, out=None, *, resume: bool = Fal
             tokenizer = build_tokenizer(config.data.tokenizer, config.model.path if config.model else None,
                                         tokenizer_texts(records), workdir)
         check_vocab(tokenizer, model_cfg)
-        streams = build_streams(resolved, records, tokenizer, config.seed)
+        objective = objective.bind(model_cfg).prepare(tokenizer)
+        records, data_report = objective.build_records(records, model_cfg, params, tokenizer)
+        streams = build_streams({n: r for n, r in resolved.items() if n in records}, records, tokenizer, config.seed)
         optimizer = make_optimizer(config.optimizer, config.steps)
-        objective = objective.bind(model_cfg)
         trainable, frozen = objective.init(params, jax.random.key(config.seed + 1))
         if run_dir is not None and jax.process_index() == 0:
             C.dump_yaml(config, run_dir.path / CONFIG_FILE)
+            if data_report:
+                from jaxdefense.jsonutil import to_jsonable
+
+                (run_dir.path / DATA_REPORT_FILE).write_text(json.dumps(to_jsonable(data_report), indent=2) + "\n")
     except BaseException:
         if run_dir is not None:
             run_dir.discard()
@@ -269,7 +275,8 @@ def fit(config: RunConfig, objective: Objective, out=None, *, resume: bool = Fal
     params_out = jax.device_get(objective.export(result.params, frozen))
     if out is not None and config.export_hf and jax.process_index() == 0:
         save_hf(model_cfg, params_out, out / HF_DIR, tokenizer=tokenizer)
-    return RunResult(out, model_cfg, params_out, tokenizer, dict(result.metrics), result.history)
+    return RunResult(out, model_cfg, params_out, tokenizer, dict(result.metrics), result.history,
+                     {"data_report": data_report} if data_report else {})
 
 
 def immunize(config: RunConfig, out=None, **kw) -> RunResult:
@@ -317,7 +324,7 @@ def attack(config: RunConfig, out=None, **kw) -> RunResult:
         from jaxdefense.jsonutil import to_jsonable
 
         (result.out / ATTACK_FILE).write_text(json.dumps(to_jsonable(summary), indent=2) + "\n")
-    result.summary = summary
+    result.summary = {**result.summary, **summary}
     return result
 
 
