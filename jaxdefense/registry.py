@@ -13,6 +13,7 @@ validated by the config engine. A user's own module registers the same way and i
 from __future__ import annotations
 
 import importlib
+import pkgutil
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -29,10 +30,13 @@ class Registry:
         self._loaded = False
 
     def _load_builtin(self) -> None:
-        """Import the package of the built-in classes (by name: it imports this module)."""
+        """Import every module of the built-in package (by name: they import this module), so a new
+        method or attack is one file that registers itself — no list to edit."""
         if not self._loaded:
             self._loaded = True
-            importlib.import_module(self.builtin)
+            package = importlib.import_module(self.builtin)
+            for info in pkgutil.iter_modules(package.__path__):
+                importlib.import_module(f"{self.builtin}.{info.name}")
 
     def register(self, name: str):
         """Class decorator: registers `cls` under `name` (a name is taken once)."""

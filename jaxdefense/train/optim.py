@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import optax
+
+_BUILT: dict = {}
 
 
 def learning_rate(section, steps: int) -> optax.Schedule:
@@ -31,8 +35,16 @@ def make_optimizer(section, steps: int) -> optax.GradientTransformation:
       section: a `jaxdefense.config.OptimizerSection` (validated: lr > 0, 0 ≤ b1, b2 < 1, ...).
       steps: the run's total steps (the decay horizon).
     Returns:
-      An optax GradientTransformation.
+      An optax GradientTransformation; equal (section, steps) give the same object, so runs that
+      share an optimiser also share the training loop's compiled step.
     """
+    key = (type(section).__name__, dataclasses.astuple(section), steps)
+    if key not in _BUILT:
+        _BUILT[key] = _build(section, steps)
+    return _BUILT[key]
+
+
+def _build(section, steps: int) -> optax.GradientTransformation:
     schedule = learning_rate(section, steps)
     if section.name == "adamw":
         opt = optax.adamw(schedule, section.b1, section.b2, section.eps, weight_decay=section.weight_decay)
