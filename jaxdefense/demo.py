@@ -280,7 +280,12 @@ def report_markdown(report: dict) -> str:
     acc = v["benign_accuracy"]
     lines += [f"- {v['benign_question']} **{'yes' if v['benign_ok'] else 'no'}** "
               f"({name} {_fmt(acc['defended'])}, undefended {_fmt(acc['undefended'])})", "",
-              "## Plots", ""]
+              "Every defence (final / early self-destruction, benign SFT within tolerance; held-out cos after):", ""]
+    for d, vd in report.get("verdicts", {}).items():
+        lines.append(f"- {d}: {'yes' if vd['self_destructs'] else 'no'} / {'yes' if vd['early_self_destructs'] else 'no'}"
+                     f" / {'yes' if vd['benign_ok'] else 'no'}; cos "
+                     f"{_fmt(report['geometry']['cos_after_by_defence'].get(d))}")
+    lines += ["", "## Plots", ""]
     lines += [f"![{p}]({p})" for p in report["plots"]]
     lines += ["", "## Sample generations (harmful prompts)", ""]
     for s in report["samples"]:

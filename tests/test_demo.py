@@ -31,15 +31,16 @@ def test_demo_quick_end_to_end(tmp_path):
     rows = report["rows"]
     keys = {(r["defence"], r["attack"], r["lr"]) for r in rows}
     attacks = report["config"]["attacks"]
-    lrs = [a["optimizer"]["lr"] for a in attacks.values() if a["attack"]["name"] == "harmful_sft"]
-    expected = {(d, "none", None) for d in ("none", "seam")}
-    expected |= {(d, "harmful_sft", lr) for d in ("none", "seam") for lr in lrs}
-    expected |= {(d, "benign_sft", attacks["benign_sst2"]["optimizer"]["lr"]) for d in ("none", "seam")}
-    assert keys == expected and len(rows) == len(expected) == 10
+    defences = ("none", "seam", "ctrap", "sdd")
+    assert set(report["config"]["defences"]) == set(defences[1:])
+    expected = {(d, "none", None) for d in defences}
+    expected |= {(d, a["attack"]["name"], a["optimizer"]["lr"]) for d in defences for a in attacks.values()}
+    assert keys == expected and len(rows) == len(expected) == 4 * 6
+    assert {k for _, k, _ in keys} == {"none", "harmful_sft", "harmful_dpo", "benign_sft"}
     for r in rows:
         for field in ROW_FIELDS:
             assert field in r, (r, field)
-            if field == "task_accuracy" and r["attack"] == "harmful_sft":
+            if field == "task_accuracy" and r["attack"] in ("harmful_sft", "harmful_dpo"):
                 assert r[field] is None
             elif field == "distinct_2" and r[field] is None:
                 continue  # no generated bigram (all generations ≤ 1 word) gives NaN → null
@@ -60,7 +61,9 @@ def test_demo_quick_end_to_end(tmp_path):
         assert (out / rel / "config.yaml").is_file(), rel
     for rel in [r for r in report["run_dirs"] if not r.startswith("runs/eval")]:
         assert (out / rel / "metrics.jsonl").is_file() and any((out / rel / "checkpoints").iterdir()), rel
-    assert len(report["run_dirs"]) == 1 + 8 + 10
+    assert len(report["run_dirs"]) == 3 + 4 * 5 + 4 * 6
+    assert (out / "runs" / "immunize" / "sdd" / "data_report.json").is_file()
+    assert set(report["verdicts"]) == {"seam", "ctrap", "sdd"}
     assert "demo:" in proc.stderr  # the one progress bar
     for name in report["plots"]:
         assert (out / name).stat().st_size > 1000
@@ -112,13 +115,13 @@ def test_demo_plan_is_pipeline_configs_and_quick_shrinks_it():
     assert (seam.method.name, seam.method.beta, seam.method.estimator, seam.steps) == ("seam", 1.0, "exact", 100)
     o = seam.optimizer
     assert (o.lr, o.warmup_steps, o.final_lr_fraction, o.b2, o.clip) == (3e-4, 10, 0.1, 0.95, 1.0)
-    assert {a.attack.name for a in full.attacks.values()} == {"harmful_sft", "benign_sft"}
     assert sorted(a.optimizer.lr for a in full.attacks.values() if a.attack.name == "harmful_sft") == [2e-4, 1e-3, 3e-3]
-    assert all(a.eval.every == 1 and a.eval.split == "validation" for a in full.attacks.values())
+    assert all(a.eval.every == 2 and a.eval.split == "validation" for a in full.attacks.values())
     assert full.evaluation.eval.split == "test" and full.evaluation.eval.benign_prompts > 0
-    # 100 SEAM steps + 2 models × 4 attacks × 30 steps + 2 × (1 + 4) evaluations
-    assert total_units(full) == 100 + 2 * 120 + 10
-    assert quick.defences["seam"].steps == 3 and all(a.steps == 2 for a in quick.attacks.values())
+    # 3 defences × 100 steps + 4 models × 5 attacks × 20 steps + 4 × (1 + 5) evaluations
+    assert total_units(full) == 300 + 4 * 100 + 24
+    assert {a.attack.name for a in full.attacks.values()} == {"harmful_sft", "harmful_dpo", "benign_sft"}
+    assert all(d.steps == 3 for d in quick.defences.values()) and all(a.steps == 2 for a in quick.attacks.values())
     assert quick.defences["seam"].data.streams["adversarial"].limit == 32
 
 

@@ -127,6 +127,19 @@ def _hashable(tree) -> tuple:
     return treedef, tuple(leaves)
 
 
+def _fn_key(fn) -> Any:
+    """A cache key for a grad function: a bound method of an equal (frozen, hashable) objective is
+    the same function, though Python compares bound methods' `self` by identity."""
+    self = getattr(fn, "__self__", None)
+    if self is not None and getattr(self, "__hash__", None) is not None:
+        try:
+            hash(self)
+            return (type(self), self, fn.__func__)
+        except TypeError:
+            pass
+    return fn
+
+
 def _cached_jit(key: tuple, make: Callable[[], Callable]) -> Callable:
     """One jitted function per key (LRU), so repeated `train` calls reuse compiled steps."""
     if key in _JIT_CACHE:
@@ -260,7 +273,7 @@ def train(
 
     dtype = _canonical_dtype(compute_dtype)
     step_fn = _cached_jit(
-        ("step", grad_fn, optimizer, dtype, _hashable(p_shard), _hashable(o_shard), _hashable(f_shard), b_shard),
+        ("step", _fn_key(grad_fn), optimizer, dtype, _hashable(p_shard), _hashable(o_shard), _hashable(f_shard), b_shard),
         lambda: jax.jit(
             make_step(grad_fn, optimizer, dtype, p_shard),
             in_shardings=(p_shard, o_shard, b_shard, f_shard, rep, rep),

@@ -125,3 +125,20 @@ def test_rng_key_is_fold_in_of_step_and_sgd_converges():
 def test_batch_not_divisible_by_mesh_is_config_error():
     with pytest.raises(ConfigError, match="batch_size: 6"):
         _run(1, mesh=make_mesh(fsdp=4), streams={"train": CountingStream(batch_size=6)})
+
+
+def test_equal_objectives_share_one_compiled_step():
+    """Two equal (frozen dataclass) objectives bound separately hit the same cached step."""
+    from jaxdefense.methods import SFT
+    from jaxdefense.train import loop
+
+    stream = {"train": CountingStream(batch_size=4, seq_len=16)}
+    first, second = SFT(first_token_weight=0.5).bind(TINY), SFT(first_token_weight=0.5).bind(TINY)
+    assert first is not second and first.grad != second.grad  # Python compares bound methods' self by identity
+    train(tiny_params(), first.grad, stream, ADAMW, steps=1, progress=False)
+    steps_cached = [k for k in loop._JIT_CACHE if k[0] == "step"]
+    train(tiny_params(), second.grad, stream, ADAMW, steps=1, progress=False)
+    assert [k for k in loop._JIT_CACHE if k[0] == "step"] == steps_cached
+    third = SFT(first_token_weight=0.25).bind(TINY)
+    train(tiny_params(), third.grad, stream, ADAMW, steps=1, progress=False)
+    assert len([k for k in loop._JIT_CACHE if k[0] == "step"]) == len(steps_cached) + 1
