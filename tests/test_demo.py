@@ -112,14 +112,14 @@ def test_verdicts_compare_rises_against_twice_the_undefended_rise():
 def test_demo_plan_is_pipeline_configs_and_quick_shrinks_it():
     full, quick = plan(load_demo_config()), plan(load_demo_config(quick=True))
     seam = full.defences["seam"]
-    assert (seam.method.name, seam.method.beta, seam.method.estimator, seam.steps) == ("seam", 1.0, "exact", 100)
+    assert (seam.method.name, seam.method.beta, seam.method.estimator, seam.steps) == ("seam", 1.0, "exact", 50)
     o = seam.optimizer
-    assert (o.lr, o.warmup_steps, o.final_lr_fraction, o.b2, o.clip) == (3e-4, 10, 0.1, 0.95, 1.0)
+    assert (o.lr, o.warmup_steps, o.final_lr_fraction, o.b2, o.clip) == (3e-4, 5, 0.1, 0.95, 1.0)
     assert sorted(a.optimizer.lr for a in full.attacks.values() if a.attack.name == "harmful_sft") == [2e-4, 1e-3, 3e-3]
-    assert all(a.eval.every == 2 and a.eval.split == "validation" for a in full.attacks.values())
+    assert all(a.eval.every == 4 and a.eval.split == "validation" for a in full.attacks.values())
     assert full.evaluation.eval.split == "test" and full.evaluation.eval.benign_prompts > 0
-    # 3 defences × 100 steps + 4 models × 5 attacks × 20 steps + 4 × (1 + 5) evaluations
-    assert total_units(full) == 300 + 4 * 100 + 24
+    # 3 defences × 50 steps + 4 models × 5 attacks × 20 steps + 4 × (1 + 5) evaluations
+    assert total_units(full) == 150 + 4 * 100 + 24
     assert {a.attack.name for a in full.attacks.values()} == {"harmful_sft", "harmful_dpo", "benign_sft"}
     assert all(d.steps == 3 for d in quick.defences.values()) and all(a.steps == 2 for a in quick.attacks.values())
     assert quick.defences["seam"].data.streams["adversarial"].limit == 32
