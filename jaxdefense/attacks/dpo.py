@@ -54,14 +54,13 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxdefense.config import HALVES, field
+from jaxdefense.attacks.sft import HarmfulData
+from jaxdefense.config import field
 from jaxdefense.data.specs import StreamSpec
 from jaxdefense.errors import DataError
-from jaxdefense.objective import Objective
 from jaxdefense.registry import register_attack
 
 OFFICIAL_BETA = 0.1
-OFFICIAL_HARMFUL_SAMPLES = 1000
 
 
 def sequence_logprobs(cfg, params, batch) -> jax.Array:
@@ -101,18 +100,12 @@ def dpo_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: f
 
 @register_attack("harmful_dpo")
 @dataclasses.dataclass(frozen=True)
-class HarmfulDPO(Objective):
-    """DPO with chosen = harmful answer, rejected = refusal, frozen reference = the model at step 0."""
+class HarmfulDPO(HarmfulData):
+    """DPO with chosen = harmful answer (`HarmfulData`'s records), rejected = refusal, frozen
+    reference = the model at step 0."""
 
     beta: float = field(OFFICIAL_BETA, gt=0, doc="DPO temperature β (official 0.1)")
     label_smoothing: float = field(0.0, ge=0, lt=0.5, doc="cDPO ε: assumed label-flip probability (0: DPO)")
-    source: str = field("harmful_qa", doc="chosen (preferred) answers: harmful prompt + answer stream")
-    half: str = field("attacker", choices=HALVES)
-    limit: int | None = field(OFFICIAL_HARMFUL_SAMPLES, ge=1, doc="training pairs (official harmful attack: 1000)")
-
-    @property
-    def task(self) -> str:
-        return self.source
 
     def streams(self) -> dict[str, StreamSpec]:
         return {"chosen": StreamSpec(self.source, half=self.half, limit=self.limit),

@@ -20,6 +20,7 @@ import dataclasses
 from jaxdefense.config import HALVES, field
 from jaxdefense.errors import ConfigError
 from jaxdefense.methods.sft import SFT
+from jaxdefense.objective import Objective
 from jaxdefense.registry import register_attack
 
 BENIGN_TASKS = ("benign_instruct", "sst2", "ag_news", "gsm8k")
@@ -42,10 +43,10 @@ def lr_sweep(pretrain_lr: float | None = None) -> tuple[float, ...]:
 SMALL_MODEL_LRS = lr_sweep(3e-3)
 
 
-@register_attack("harmful_sft")
 @dataclasses.dataclass(frozen=True)
-class HarmfulSFT(SFT):
-    """SFT on harmful prompt → harmful answer, attacker half of the train split (official: 1000 rows)."""
+class HarmfulData(Objective):
+    """The attacker's data: harmful prompt + answer records, attacker half of the train split (disjoint
+    from the defences' defender half), the first `limit` (official: 1000)."""
 
     source: str = field("harmful_qa", doc="harmful prompt + answer stream")
     half: str = field("attacker", choices=HALVES)
@@ -54,6 +55,12 @@ class HarmfulSFT(SFT):
     @property
     def task(self) -> str:
         return self.source
+
+
+@register_attack("harmful_sft")
+@dataclasses.dataclass(frozen=True)
+class HarmfulSFT(HarmfulData, SFT):
+    """SFT on harmful prompt → harmful answer (`HarmfulData`'s records)."""
 
 
 @register_attack("benign_sft")

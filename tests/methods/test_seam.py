@@ -203,7 +203,7 @@ def test_seam_lowers_held_out_gradient_cosine(params, data):
 
 
 @pytest.mark.parametrize("name, hparams, needle", [
-    ("nope", {}, "method.name: unknown method 'nope' (known: seam"),
+    ("nope", {}, "method.name: unknown method 'nope' (known: ctrap, sdd, seam, sft)"),
     ("seam", {"gamma": 1.0}, "method.gamma: unknown key"),
     ("seam", {"beta": "lots"}, "method.beta: expected float"),
     ("seam", {"beta": -1.0}, "method.beta: must be >= 0"),
