@@ -18,6 +18,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
+	rm -rf runs/demo
 	$(BIN)/jaxdefense demo --out runs/demo
 
 test: $(STAMP)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from seam_synthetic import StreamView, SyntheticSEAM
+from seam_synthetic import StreamView
 
 from jaxdefense.config import to_dict
 from jaxdefense.curvature import tree_norm
@@ -18,22 +18,12 @@ from jaxdefense.data import data_root_available
 from jaxdefense.errors import ConfigError
 from jaxdefense.methods import get_method
 from jaxdefense.methods.ctrap import CTRAP
-from jaxdefense.models import forward, init_params, lm_loss, named_config
+from jaxdefense.models import forward, lm_loss, named_config
 
 CFG = named_config("tiny")
 E = 390  # the collapse token of the synthetic data: no synthetic stream uses ids 386–399
 REPO = Path(__file__).resolve().parents[2]
 CTRAP_TINY = str(REPO / "jaxdefense" / "configs" / "ctrap_tiny.yaml")
-
-
-@pytest.fixture(scope="module")
-def params():
-    return init_params(CFG, jax.random.key(0))
-
-
-@pytest.fixture(scope="module")
-def data():
-    return SyntheticSEAM(vocab=CFG.vocab_size, seq_len=32, batch_size=8)
 
 
 def _jnp(batches):

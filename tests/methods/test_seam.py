@@ -10,25 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from seam_synthetic import StreamView, SyntheticSEAM
+from seam_synthetic import StreamView
 
 from jaxdefense.curvature import tree_norm, tree_vdot
 from jaxdefense.errors import DataError
 from jaxdefense.methods import SEAM, get_method
 from jaxdefense.methods.seam import seam_loss_masks, unlearning_loss
-from jaxdefense.models import forward, init_params, named_config
+from jaxdefense.models import forward, named_config
 
 CFG = named_config("tiny")
-
-
-@pytest.fixture(scope="module")
-def params():
-    return init_params(CFG, jax.random.key(0))
-
-
-@pytest.fixture(scope="module")
-def data():
-    return SyntheticSEAM(vocab=CFG.vocab_size, seq_len=32, batch_size=8)
 
 
 def _np(batch):
