@@ -27,9 +27,27 @@ import dataclasses
 from typing import Any, ClassVar
 
 import jax
+import jax.numpy as jnp
 
 from jaxdefense.config import check_bounds, field
-from jaxdefense.errors import ConfigError
+from jaxdefense.errors import ConfigError, DataError
+
+BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask")
+
+
+def concat_rows(a: dict, b: dict, names: tuple[str, str] = ("a", "b")) -> dict:
+    """One batch: the rows of `a`, then the rows of `b` (input_ids, attention_mask, loss_mask); the
+    shorter one is right-padded with attention 0 and loss 0. DataError names a stream lacking a field."""
+    for name, batch in zip(names, (a, b)):
+        missing = [k for k in BATCH_KEYS if k not in batch]
+        if missing:
+            raise DataError(f"stream {name!r}: batch lacks {missing}")
+    length = max(a["input_ids"].shape[1], b["input_ids"].shape[1])
+
+    def pad(x):
+        return jnp.pad(jnp.asarray(x), ((0, 0), (0, length - x.shape[1])))
+
+    return {k: jnp.concatenate([pad(a[k]), pad(b[k]).astype(jnp.asarray(a[k]).dtype)], axis=0) for k in BATCH_KEYS}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -58,6 +58,7 @@ from jaxdefense.attacks.sft import HarmfulData
 from jaxdefense.config import field
 from jaxdefense.data.specs import StreamSpec
 from jaxdefense.errors import DataError
+from jaxdefense.objective import concat_rows
 from jaxdefense.registry import register_attack
 
 OFFICIAL_BETA = 0.1
@@ -72,22 +73,12 @@ def sequence_logprobs(cfg, params, batch) -> jax.Array:
     return -jnp.sum(nll * weights, axis=1)
 
 
-def _pad_to(batch: dict, length: int) -> dict:
-    """Right-pad every [B, T] field to `length` with zeros (pad positions carry no mask)."""
-    t = batch["input_ids"].shape[1]
-    return {k: jnp.pad(jnp.asarray(v), ((0, 0), (0, length - t))) for k, v in batch.items()}
-
-
 def concatenated(chosen: dict, rejected: dict) -> dict:
     """One [2B, T] batch: the chosen rows, then the rejected rows (T = the longer of the two)."""
     if chosen["input_ids"].shape[0] != rejected["input_ids"].shape[0]:
         raise DataError(f"harmful_dpo: streams 'chosen' {tuple(chosen['input_ids'].shape)} and 'rejected' "
                         f"{tuple(rejected['input_ids'].shape)} must be paired batches of one batch size")
-    keys = ("input_ids", "attention_mask", "loss_mask")
-    chosen, rejected = ({k: b[k] for k in keys} for b in (chosen, rejected))
-    length = max(chosen["input_ids"].shape[1], rejected["input_ids"].shape[1])
-    chosen, rejected = _pad_to(chosen, length), _pad_to(rejected, length)
-    return {k: jnp.concatenate([chosen[k], rejected[k].astype(chosen[k].dtype)], axis=0) for k in keys}
+    return concat_rows(chosen, rejected, ("chosen", "rejected"))
 
 
 def dpo_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, label_smoothing: float = 0.0):

@@ -58,9 +58,9 @@ from jaxdefense.config import field
 from jaxdefense.curvature import lookahead_grad, tree_norm
 from jaxdefense.curvature.lookahead import ORDERS
 from jaxdefense.data.specs import StreamSpec
-from jaxdefense.errors import ConfigError, DataError
+from jaxdefense.errors import ConfigError
 from jaxdefense.models import forward, lm_loss, next_token_nll
-from jaxdefense.objective import Objective
+from jaxdefense.objective import Objective, concat_rows
 from jaxdefense.registry import register_method
 
 NORM_EPS = 1e-7  # official: g / (‖g‖ + 1e-7)
@@ -74,22 +74,6 @@ def collapse_token_id(tokenizer, token: str) -> int:
     if not ids:
         raise ConfigError(f"method.collapse_token: {token!r} encodes to no token")
     return int(ids[-1])
-
-
-def concat_batches(a: dict, b: dict) -> dict:
-    """Rows of `a` then rows of `b` (input_ids, attention_mask, loss_mask); the shorter one is
-    right-padded (attention 0, loss 0) when their lengths differ."""
-    keys = ("input_ids", "attention_mask", "loss_mask")
-    for name, batch in (("alignment", a), ("benign", b)):
-        missing = [k for k in keys if k not in batch]
-        if missing:
-            raise DataError(f"CTRAP stream {name!r}: batch lacks {missing}")
-    T = max(a["input_ids"].shape[1], b["input_ids"].shape[1])
-
-    def pad(x):
-        return jnp.pad(jnp.asarray(x), ((0, 0), (0, T - x.shape[1])))
-
-    return {k: jnp.concatenate([pad(a[k]), pad(b[k]).astype(jnp.asarray(a[k]).dtype)], axis=0) for k in keys}
 
 
 @register_method("ctrap")
@@ -131,7 +115,7 @@ class CTRAP(Objective):
 
     def retain_batch(self, batches) -> dict:
         """R = alignment rows then benign rows."""
-        return concat_batches(batches["alignment"], batches["benign"])
+        return concat_rows(batches["alignment"], batches["benign"], ("alignment", "benign"))
 
     def ce_loss(self, params, batch):
         """Masked token-mean CE over batch["loss_mask"] (L_align on R; the harmful CE whose ∇ is g_h)."""
