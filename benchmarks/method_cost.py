@@ -46,21 +46,21 @@ class SyntheticTokenizer:
 
 
 def objectives() -> dict:
-    """name → unbound objective; SFT is the unit."""
-    from jaxdefense.attacks import get_attack
-    from jaxdefense.methods import METHODS, get_method
+    """label → unbound objective: every registered training method, and every attack that declares
+    `cost_variants`, once per variant (class attribute: label suffix → hyperparameter overrides).
+    SFT is the unit."""
+    from jaxdefense.registry import ATTACKS, METHODS
 
-    out = {"sft": get_method("sft"),
-           "seam_forward": get_method("seam", beta=1.0, estimator="forward"),
-           "seam_exact": get_method("seam", beta=1.0, estimator="exact")}
-    if "ctrap" in METHODS:
-        out["ctrap_first"] = get_method("ctrap", order="first")
-        out["ctrap_exact"] = get_method("ctrap", order="exact")
-    try:
-        out["harmful_dpo"] = get_attack("harmful_dpo")
-    except Exception:  # noqa: BLE001 - not registered in this build
-        pass
-    return out
+    out = {}
+    for registry, every in ((METHODS, True), (ATTACKS, False)):
+        for name in registry.names():
+            cls = registry.get(name)
+            variants = getattr(cls, "cost_variants", None)
+            if not getattr(cls, "trains", True) or (variants is None and not every):
+                continue
+            for suffix, overrides in (variants or {"": {}}).items():
+                out[f"{name}_{suffix}" if suffix else name] = cls(**overrides)
+    return {"sft": out.pop("sft"), **out}
 
 
 def synthetic_batches(specs: dict, shape: dict, vocab: int, seed: int = 0) -> dict:

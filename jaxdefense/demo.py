@@ -54,7 +54,10 @@ class DemoConfig:
 
     base: str | None = field(None, doc="HF model directory (default: the embedded jaxdefense/assets/base)")
     common: dict[str, Any] = field({}, doc="partial run config laid under every run")
-    defences: dict[str, dict[str, Any]] = field({}, doc="name → partial immunize config (method, optimizer, steps)")
+    defence_defaults: dict[str, Any] = field({}, doc="partial immunize config laid under every defence (optimizer, steps)")
+    defences: dict[str, dict[str, Any]] = field(
+        {}, doc="name → partial immunize config; method defaults to {name: <name>}. "
+                "--set defences=[a,b] runs those registered methods, with the settings here where there are some")
     attacks: dict[str, dict[str, Any]] = field({}, doc="name → partial attack config (attack, optimizer, steps)")
     curves: dict[str, Any] = field({}, doc="eval section of the attack runs (held-out curves)")
     eval: dict[str, Any] = field({}, doc="eval section of the final evaluations")
@@ -78,7 +81,12 @@ def load_demo_config(path=None, overrides=(), quick: bool = False) -> DemoConfig
     data = read_yaml(path or DEFAULT_CONFIG)
     if quick:
         data = deep_merge(data, data.get("quick") or {})
-    return from_dict(DemoConfig, apply_overrides(data, overrides))
+    settings = data.get("defences") or {}
+    data = apply_overrides(data, overrides)
+    if isinstance(data.get("defences"), (list, tuple)):
+        names = [str(n) for n in data["defences"]]
+        data["defences"] = {n: settings.get(n) or {} for n in names}
+    return from_dict(DemoConfig, data)
 
 
 def plan(cfg: DemoConfig) -> DemoPlan:
@@ -91,13 +99,19 @@ def plan(cfg: DemoConfig) -> DemoPlan:
         except ConfigError as e:
             raise ConfigError(f"{key}.{e}") from e
 
+    from jaxdefense.registry import METHODS
+
     defences = {}
     for name, partial in cfg.defences.items():
         if name == "none":
             raise ConfigError("defences.none: the name 'none' is the undefended base model")
-        defences[name] = build(f"defences.{name}", partial, {})
-        if defences[name].method is None:
-            raise ConfigError(f"defences.{name}.method: required")
+        partial = dict(partial or {})
+        if partial.get("method") is None:
+            if name not in METHODS:
+                raise ConfigError(f"defences.{name}: not a registered method ({', '.join(METHODS.names())}); "
+                                  "give it a method: {name: ...}")
+            partial["method"] = {"name": name}
+        defences[name] = build(f"defences.{name}", partial, cfg.defence_defaults)
     attacks = {}
     for name, partial in cfg.attacks.items():
         attacks[name] = build(f"attacks.{name}", partial, {"eval": cfg.curves})
@@ -209,7 +223,9 @@ def curve_grid(curves: dict, path: Path, max_step: int | None = None) -> Path:
         for row, (key, label) in enumerate(CURVE_METRICS):
             ax = axes[row][col]
             defences = ["none"] + sorted({name.split("|")[0] for name in curves} - {"none"})
-            for defence, colour in zip(defences, ("tab:blue", "tab:red", "tab:green", "tab:orange", "tab:purple")):
+            colours = plt.get_cmap("tab20").colors
+            for i, defence in enumerate(defences):
+                colour = colours[2 * i % len(colours) + (2 * i // len(colours)) % 2]
                 who = "undefended" if defence == "none" else defence
                 pts = [(c["step"], c.get(key)) for c in curves.get(f"{defence}|{run}", [])
                        if c.get(key) is not None and (max_step is None or c["step"] <= max_step)]

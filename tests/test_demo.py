@@ -12,6 +12,7 @@ import pytest
 from jaxdefense import cli
 from jaxdefense.base_model import ASSET_DIR
 from jaxdefense.data import data_root_available
+from jaxdefense.errors import ConfigError
 from jaxdefense.demo import ROW_FIELDS, early_rise, load_demo_config, plan, total_units, verdicts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,6 +124,17 @@ def test_demo_plan_is_pipeline_configs_and_quick_shrinks_it():
     assert {a.attack.name for a in full.attacks.values()} == {"harmful_sft", "harmful_dpo", "benign_sft"}
     assert all(d.steps == 3 for d in quick.defences.values()) and all(a.steps == 2 for a in quick.attacks.values())
     assert quick.defences["seam"].data.streams["adversarial"].limit == 32
+
+
+def test_defences_as_a_list_of_method_names_keeps_known_settings_and_the_defaults():
+    p = plan(load_demo_config(overrides=["defences=[sft,seam]", "defence_defaults.steps=7"], quick=True))
+    assert list(p.defences) == ["sft", "seam"]
+    sft, seam = p.defences["sft"], p.defences["seam"]
+    assert (sft.method.name, sft.steps, sft.optimizer.lr, sft.optimizer.warmup_steps) == ("sft", 7, 3e-4, 1)
+    assert (seam.method.beta, seam.method.estimator) == (1.0, "exact")  # demo.yaml's settings for seam
+    assert seam.data.streams["adversarial"].limit == 32 and seam.steps == 7
+    with pytest.raises(ConfigError, match="defences.no_such_method: not a registered method"):
+        plan(load_demo_config(overrides=["defences=[no_such_method]"]))
 
 
 @pytest.mark.parametrize("argv", [

@@ -11,9 +11,12 @@ At θ = θ_ref, h = 0, so L = log 2 and ∇L = −(β/2)(1−2ε)·E[∇log π(y
 
 Streams: `chosen` y_w = harmful_qa, attacker half, first `limit` = 1000 records (as harmful
 SFT); `rejected` y_l = the refusal for the same prompt (`pair_with="chosen"`: paired by prompt,
-batched with one prompt truncation, same rows at every step). An SDD-style run may set
-`data.streams.rejected.source` to another stream keyed by the same prompts (e.g. irrelevant
-benign answers to the harmful prompts).
+batched with one prompt truncation, same rows at every step). `rejected="irrelevant"` makes
+y_l SDD's answer instead: a benign answer to an unrelated instruction (stream `answers`,
+benign_instruct), chosen per prompt by `methods.sdd`'s pairing and similarity filter
+(`threshold`, the model's own mean-pooled embedding), so the attack pushes the harmful answer
+up against exactly what an SDD-defended model learned to say; prompts whose every candidate
+is rejected are dropped, and the pairing report is saved as data_report.json.
 
 π_ref is the attacked model at step 0: `init(params)` returns `(params, {"reference": params})`,
 so it enters the jitted step as `frozen` (never a closed-over constant). Under LoRA
@@ -50,6 +53,7 @@ differs:
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +64,8 @@ from jaxdefense.data.specs import StreamSpec
 from jaxdefense.errors import DataError
 from jaxdefense.objective import concat_rows
 from jaxdefense.registry import register_attack
+
+REJECTED = ("refusal", "irrelevant")
 
 OFFICIAL_BETA = 0.1
 
@@ -95,12 +101,35 @@ class HarmfulDPO(HarmfulData):
     """DPO with chosen = harmful answer (`HarmfulData`'s records), rejected = refusal, frozen
     reference = the model at step 0."""
 
+    cost_variants: ClassVar[dict] = {"": {}}
+
     beta: float = field(OFFICIAL_BETA, gt=0, doc="DPO temperature β (official 0.1)")
     label_smoothing: float = field(0.0, ge=0, lt=0.5, doc="cDPO ε: assumed label-flip probability (0: DPO)")
+    rejected: str = field("refusal", choices=REJECTED, doc="y_l: the refusal, or SDD's irrelevant benign answer")
+    threshold: float = field(0.5, ge=-1, le=1, doc="rejected=irrelevant: SDD's similarity threshold")
 
     def streams(self) -> dict[str, StreamSpec]:
-        return {"chosen": StreamSpec(self.source, half=self.half, limit=self.limit),
-                "rejected": StreamSpec("refusal", pair_with="chosen")}
+        out = {"chosen": StreamSpec(self.source, half=self.half, limit=self.limit),
+               "rejected": StreamSpec("refusal", pair_with="chosen")}
+        if self.rejected == "irrelevant":
+            out["answers"] = StreamSpec("benign_instruct")
+        return out
+
+    def build_records(self, records, model_cfg, params, tokenizer):
+        """rejected="irrelevant": each (prompt, harmful answer) row's y_l replaced by SDD's pick."""
+        if self.rejected == "refusal":
+            return records, {}
+        from jaxdefense.methods.sdd import SDD, pair_by_similarity
+
+        sdd = SDD(cfg=model_cfg, threshold=self.threshold)
+        rows = [{**r, "row": i} for i, r in enumerate(records["chosen"])]
+        answers = records["answers"]
+        sim = sdd.similarity(rows, answers, model_cfg, params, tokenizer)
+        built, report = pair_by_similarity([{**r, "id": r["row"]} for r in rows], answers, sim,
+                                           threshold=sdd.threshold, retries=sdd.retries, seed=sdd.seed)
+        pairs = [{**records["chosen"][b["harmful_id"]], "paired": b["response"], "paired_source": "sdd",
+                  "paired_id": b["benign_id"], "similarity": b["similarity"]} for b in built]
+        return {"chosen": pairs, "rejected": pairs}, {"attack": self.name, "rejected": "irrelevant", **report}
 
     def init(self, params, key):
         del key

@@ -50,6 +50,7 @@ Booster codebase; docs/research/anchors-methods.md §2) and how this port follow
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -85,6 +86,8 @@ class CTRAP(Objective):
     s = g_h/(‖g_h‖+1e-7); False: s = g_h), order ("first" official | "exact"), collapse_token
     (the word whose last sub-token is e; resolved by `prepare(tokenizer)` into collapse_id).
     """
+
+    cost_variants: ClassVar[dict] = {"first": {"order": "first"}, "exact": {"order": "exact"}}
 
     alpha: float = field(0.1, ge=0, doc="look-ahead step α (θ' = θ − α·s(θ))")
     lam: float = field(0.1, ge=0, doc="weight λ of the collapse loss at θ'")

@@ -50,6 +50,7 @@ docs/research/pilot-seam-tiny.md: ∇cos with norm 1–10 is swamped by the CE t
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -117,15 +118,22 @@ def logit_lens(cfg, params, h):
 
 def unlearning_loss(cfg, params, batch, kind="logit_lens"):
     """(L_ul, CE_final) on the masked harmful batch; see the module docstring for ``kind``."""
-    mask = batch["loss_mask"]
     if kind != "logit_lens":
         logits = forward(cfg, params, batch["input_ids"], attention_mask=batch["attention_mask"])
-        ce = masked_ce(logits, batch["input_ids"], mask)
-        return (-ce if kind == "ascent" else -jnp.log1p(ce)), ce
+        return unlearning_from_outputs(cfg, params, batch, logits, None, kind)
     logits, hidden = forward(
         cfg, params, batch["input_ids"], attention_mask=batch["attention_mask"], return_hidden=True
     )
+    return unlearning_from_outputs(cfg, params, batch, logits, hidden, kind)
+
+
+def unlearning_from_outputs(cfg, params, batch, logits, hidden, kind="logit_lens"):
+    """`unlearning_loss` from one forward's logits and hidden states [L+1,B,T,D] (read only by
+    "logit_lens"), for callers that need the same pass's hidden states (RepNoise)."""
+    mask = batch["loss_mask"]
     ce = masked_ce(logits, batch["input_ids"], mask)
+    if kind != "logit_lens":
+        return (-ce if kind == "ascent" else -jnp.log1p(ce)), ce
 
     @jax.checkpoint
     def lens_ce(h):
@@ -146,6 +154,9 @@ class SEAM(Objective):
     "log" | "ascent"), benign_full_sequence (official True), perturb_dtype (None: the params'
     dtype, or float32 for bf16/f16 params; "float32"/"float64" force a copy in that dtype).
     """
+
+    cost_variants: ClassVar[dict] = {"forward": {"beta": 1.0, "estimator": "forward"},
+                                     "exact": {"beta": 1.0, "estimator": "exact"}}
 
     alpha: float = field(1.0, ge=0, doc="weight of L_up (refusal CE)")
     beta: float = field(0.01, ge=0, doc="weight of L_sd = cos(g_a, g_b)")

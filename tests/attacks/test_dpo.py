@@ -214,6 +214,30 @@ def test_streams_defaults_and_validation():
             get_attack("harmful_dpo", **bad)
 
 
+def test_irrelevant_rejected_answers_are_sdds_filtered_picks(monkeypatch):
+    """rejected="irrelevant": y_l = the benign answer SDD's pairing keeps for the prompt (one too similar
+    answer is never used), the chosen side stays the harmful answer, and the answers stream is not batched."""
+    from jaxdefense.methods.sdd import SDD
+
+    def embed(self, texts, model_cfg, params, tokenizer):  # harmful prompts and benign text 4 → e0, others e1
+        return np.array([[1.0, 0.0] if t.startswith("harmful") or t.endswith(" 4") else [0.0, 1.0] for t in texts])
+
+    monkeypatch.setattr(SDD, "embed", embed)
+    chosen = [{"prompt": f"harmful prompt {i}", "response": f"harmful answer {i}", "paired": "No.", "id": f"h{i}"}
+              for i in range(4)]
+    answers = [{"prompt": f"benign instruction {j}", "response": f"benign answer {j}", "id": f"b{j}"} for j in range(5)]
+    attack = get_attack("harmful_dpo", CFG, rejected="irrelevant", threshold=0.25)
+    assert set(attack.streams()) == {"chosen", "rejected", "answers"}
+    built, report = attack.build_records({"chosen": chosen, "rejected": chosen, "answers": answers}, CFG, None, None)
+    assert set(built) == {"chosen", "rejected"} and built["chosen"] is built["rejected"]
+    assert len(built["chosen"]) == 4 and report["kept"] == 4 and report["rejected"] >= 0
+    for row, original in zip(built["chosen"], chosen):
+        assert (row["prompt"], row["response"]) == (original["prompt"], original["response"])
+        assert row["paired"].startswith("benign answer ") and row["paired"] != "benign answer 4"
+        assert row["paired_id"] != "b4" and row["similarity"] <= 0.25
+    assert get_attack("harmful_dpo").build_records({"chosen": chosen}, CFG, None, None) == ({"chosen": chosen}, {})
+
+
 def test_cli_round_trip(tmp_path, capsys):
     from jaxdefense.cli import main
     from jaxdefense.data import data_root_available, train_bpe_tokenizer
