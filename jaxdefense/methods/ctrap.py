@@ -7,7 +7,8 @@ Seed equations (seed 000, Space 2):
 
 As implemented (issue 9):
 
-    R        = alignment rows ∪ benign rows             (the retain batch, concatenated on the batch axis)
+    R        = alignment rows ∪ benign rows             (the retain batch, concatenated on the batch axis;
+                                                          retain="half": the first ⌊B/2⌋ of each, official)
     L_align  = masked token-mean CE over R (response tokens, `loss_mask`)
     g_h      = ∇ CE(θ; adversarial batch)
     θ'       = θ − α·g_h/(‖g_h‖ + 1e-7)                  normalize=True (official code)
@@ -34,11 +35,12 @@ Booster codebase; docs/research/anchors-methods.md §2) and how this port follow
 - The look-ahead step is normalised (the paper writes the plain θ − α∇ℓ): normalize=True.
   It is first order: θ is restored and the gradient at θ' is added: order="first".
 - Retain batch: official halves the per-device batch size so that 10 rows are 5 alignment
-  (BeaverTails refusals) + 5 helpful (UltraChat); here each stream keeps its own batch size
-  (`data.batch_size` or `data.streams.<name>.batch_size`), so R has both streams' rows. The
-  harmful and alignment batches here hold the same prompts (paired row by row, as the issue
-  asks); official draws them from separate loaders. Neither term couples the two batches, so
-  the pairing does not change the update's form.
+  (BeaverTails refusals) + 5 helpful (UltraChat) against 10 harmful rows: `retain="half"`
+  (default) takes the first ⌊B/2⌋ rows of each of the alignment and benign batches, so |R|
+  is one stream's batch; `retain="all"` keeps every row of both (|R| = 2B: twice the retain
+  compute). The harmful and alignment batches here hold the same prompts (paired row by row,
+  as the issue asks); official draws them from separate loaders. Neither term couples the two
+  batches, so the pairing does not change the update's form.
 - Official trains LoRA r32/α4 on q,k,v, so its look-ahead step moves the adapters. Under this
   repo's `lora` wrapper (`objective.LoRA`) the inner gradient is taken at the merged weights,
   so θ' = W − α·ĝ_W moves the full merged weights and the update is then projected onto the
@@ -65,6 +67,7 @@ from jaxdefense.objective import Objective, concat_rows
 from jaxdefense.registry import register_method
 
 NORM_EPS = 1e-7  # official: g / (‖g‖ + 1e-7)
+RETAIN = ("half", "all")
 
 
 def collapse_token_id(tokenizer, token: str) -> int:
@@ -84,7 +87,8 @@ class CTRAP(Objective):
 
     Hyperparameters: alpha (look-ahead step), lam (collapse weight), normalize (official True:
     s = g_h/(‖g_h‖+1e-7); False: s = g_h), order ("first" official | "exact"), collapse_token
-    (the word whose last sub-token is e; resolved by `prepare(tokenizer)` into collapse_id).
+    (the word whose last sub-token is e; resolved by `prepare(tokenizer)` into collapse_id),
+    retain ("half" official: R = half of each retain batch | "all").
     """
 
     cost_variants: ClassVar[dict] = {"first": {"order": "first"}, "exact": {"order": "exact"}}
@@ -94,6 +98,7 @@ class CTRAP(Objective):
     normalize: bool = field(True, doc="s = g_h/(‖g_h‖+1e-7) (official) or g_h (the paper's Eq.)")
     order: str = field("first", choices=ORDERS, doc="first: ∇L_col at θ' (official); exact: through θ'")
     collapse_token: str = field("error", doc="collapse target e: last sub-token of 'an <token>'")
+    retain: str = field("half", choices=RETAIN, doc="half: first ⌊B/2⌋ rows of each retain stream (official); all")
     collapse_id: int | None = field(None, internal=True)
 
     def streams(self) -> dict[str, StreamSpec]:
@@ -117,8 +122,12 @@ class CTRAP(Objective):
         return self.collapse_id
 
     def retain_batch(self, batches) -> dict:
-        """R = alignment rows then benign rows."""
-        return concat_rows(batches["alignment"], batches["benign"], ("alignment", "benign"))
+        """R = alignment rows then benign rows (retain="half": the first ⌊B/2⌋ of each)."""
+        alignment, benign = batches["alignment"], batches["benign"]
+        if self.retain == "half":
+            alignment, benign = (jax.tree.map(lambda x, n=max(b["input_ids"].shape[0] // 2, 1): x[:n], b)
+                                 for b in (alignment, benign))
+        return concat_rows(alignment, benign, ("alignment", "benign"))
 
     def ce_loss(self, params, batch):
         """Masked token-mean CE over batch["loss_mask"] (L_align on R; the harmful CE whose ∇ is g_h)."""

@@ -34,13 +34,13 @@ def _sub(a, b):
     return jax.tree.map(jnp.subtract, a, b)
 
 
-@pytest.mark.parametrize("normalize, alpha, lam", [(True, 0.3, 0.7), (False, 0.02, 0.7)])
-def test_exact_update_is_the_gradient_of_the_composed_scalar_in_float64(params, data, normalize, alpha, lam):
+@pytest.mark.parametrize("normalize, alpha, lam, retain", [(True, 0.3, 0.7, "half"), (False, 0.02, 0.7, "all")])
+def test_exact_update_is_the_gradient_of_the_composed_scalar_in_float64(params, data, normalize, alpha, lam, retain):
     """grads = ∇[L_align(θ) + λ·L_col(θ − α·s(θ))] by autodiff of the whole scalar, s = g_h(/‖g_h‖+1e-7)."""
     with jax.enable_x64(True):
         p64 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), params)
         batches = _jnp(data.batches(3))
-        m = CTRAP(cfg=CFG, alpha=alpha, lam=lam, normalize=normalize, order="exact", collapse_id=E)
+        m = CTRAP(cfg=CFG, alpha=alpha, lam=lam, normalize=normalize, order="exact", collapse_id=E, retain=retain)
 
         def composed(p):
             retain = m.retain_batch(batches)
@@ -62,10 +62,12 @@ def _log_softmax(z):
 
 
 def _reference_first_order(params, batches, alpha, lam):
-    """The official training_step written out by hand: R = refusal rows ++ benign rows; collapse
-    labels = e at every supervised position of R; θ' = θ − α·g_h/(‖g_h‖+1e-7) held constant;
+    """The official training_step written out by hand: R = the first half of the refusal rows ++ the
+    first half of the benign rows (official: per-device batch halved, 5 + 5); collapse labels = e at
+    every supervised position of R; θ' = θ − α·g_h/(‖g_h‖+1e-7) held constant;
     grad = ∇CE_R(θ) + λ·∇CE_R→e(θ')."""
-    a, b = batches["alignment"], batches["benign"]
+    half = batches["alignment"]["input_ids"].shape[0] // 2
+    a, b = ({k: v[:half] for k, v in batches[n].items()} for n in ("alignment", "benign"))
     ids = jnp.concatenate([a["input_ids"], b["input_ids"]])
     attn = jnp.concatenate([a["attention_mask"], b["attention_mask"]])
     labels_on = jnp.concatenate([a["loss_mask"], b["loss_mask"]])[:, 1:]
