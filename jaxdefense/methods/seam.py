@@ -9,7 +9,8 @@ Seed equations (seeds 000/004):
     ∇̂L_sd = (1/ε)[(g_b(θ+ε(ḡ_a−cḡ_b)) − g_b)/‖g_b‖ + (g_a(θ+ε(ḡ_b−cḡ_a)) − g_a)/‖g_a‖]
 
 The returned update direction is ∇L_ul + α∇L_up + β·∇̂L_sd: a gradient estimate, not the
-gradient of a scalar. ∇̂L_sd comes from ``curvature.cosine_grad`` with estimator "forward"
+gradient of a scalar. `gamma` > 0 adds γ·∇ℓ(benign) (the benign batch's CE, with g_b's mask): a
+utility term that neither the paper nor the official code has (default 0). ∇̂L_sd comes from ``curvature.cosine_grad`` with estimator "forward"
 (the seed/official one-sided difference, 4 gradient evaluations), "central" (6) or "exact"
 (two forward-over-reverse HVPs, no ε).
 
@@ -165,6 +166,7 @@ class SEAM(Objective):
     unlearning: str = field("logit_lens", choices=UNLEARNING)
     benign_full_sequence: bool = field(True, doc="g_b over every real token (official) or loss_mask")
     perturb_dtype: str | None = field(None, choices=PERTURB_DTYPES)
+    gamma: float = field(0.0, ge=0, doc="weight of a benign CE term γ·ℓ(benign) (not official; 0 = official)")
 
     def streams(self) -> dict[str, StreamSpec]:
         """Defender half of harmful_qa, the same prompts' refusals (paired), benign instructions."""
@@ -186,11 +188,14 @@ class SEAM(Objective):
         logits = forward(cfg, params, batch["input_ids"], attention_mask=batch["attention_mask"])
         return masked_ce(logits, batch["input_ids"], batch["loss_mask"])
 
-    def primary_loss(self, params, adversarial, alignment):
-        """L_ul + α·L_up (the official logged loss), aux (L_ul, L_up, CE_final on harmful)."""
+    def primary_loss(self, params, adversarial, alignment, benign=None):
+        """L_ul + α·L_up (the official logged loss) [+ γ·ℓ(benign)], aux (L_ul, L_up, CE_final on harmful)."""
         l_ul, ce_adv = unlearning_loss(self.require_cfg(), params, adversarial, self.unlearning)
         l_up = self.ce_loss(params, alignment)
-        return l_ul + self.alpha * l_up, (l_ul, l_up, ce_adv)
+        loss = l_ul + self.alpha * l_up
+        if self.gamma:
+            loss = loss + self.gamma * self.ce_loss(params, benign)
+        return loss, (l_ul, l_up, ce_adv)
 
     def sd_grad(self, params, adversarial, benign):
         """(cos(g_a, g_b), ∇̂cos, aux) from curvature.cosine_grad with this estimator and ε.
@@ -213,7 +218,7 @@ class SEAM(Objective):
         del key, frozen
         adversarial, alignment, benign = self.masked_batches(batches)
         (loss, (l_ul, l_up, _)), g_primary = jax.value_and_grad(self.primary_loss, has_aux=True)(
-            params, adversarial, alignment
+            params, adversarial, alignment, benign
         )
         metrics = {"loss": loss, "l_ul": l_ul, "l_up": l_up, "grad_norm_primary": tree_norm(g_primary)}
         if self.beta == 0:

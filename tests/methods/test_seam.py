@@ -130,16 +130,18 @@ def test_three_estimators_give_the_same_update(params, data):
     assert -1.0 <= float(metrics["cos"]) <= 1.0
 
 
-def test_exact_update_is_the_gradient_of_the_composed_scalar_in_float64(params, data):
-    """estimator "exact": grads = ∇[L_ul + α·L_up + β·cos(∇ℓ_adv, ∇ℓ_ben)] by autodiff of the whole scalar."""
+@pytest.mark.parametrize("gamma", [0.0, 0.6])
+def test_exact_update_is_the_gradient_of_the_composed_scalar_in_float64(params, data, gamma):
+    """estimator "exact": grads = ∇[L_ul + α·L_up + γ·ℓ_ben + β·cos(∇ℓ_adv, ∇ℓ_ben)] by autodiff of the whole scalar."""
     with jax.enable_x64(True):
         p64 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), params)
         batches = {k: {f: jnp.asarray(x) for f, x in v.items()} for k, v in data.batches(2).items()}
-        m = SEAM(cfg=CFG, alpha=0.7, beta=1.6, estimator="exact", unlearning="log")
+        m = SEAM(cfg=CFG, alpha=0.7, beta=1.6, estimator="exact", unlearning="log", gamma=gamma)
+        official = SEAM(cfg=CFG, alpha=0.7, beta=1.6, estimator="exact", unlearning="log")
 
         def composed(p):
             adv, aln, ben = m.masked_batches(batches)
-            primary = m.primary_loss(p, adv, aln)[0]
+            primary = official.primary_loss(p, adv, aln)[0] + gamma * m.ce_loss(p, ben)
             g_a, g_b = jax.grad(m.ce_loss)(p, adv), jax.grad(m.ce_loss)(p, ben)
             return primary + 1.6 * tree_vdot(g_a, g_b) / (tree_norm(g_a) * tree_norm(g_b))
 
