@@ -359,16 +359,26 @@ HALVES = ("all", "defender", "attacker")
 
 @dataclasses.dataclass
 class ModelSection:
-    """Exactly one of `name` (a named config, random init from `seed`) or `path` (an HF dir)."""
+    """Exactly one of `name` (a named config, random init from `seed`) or `path` (an HF dir or GGUF file).
 
-    name: str | None = field(None, doc="named config: tiny, small, ... (random init)")
-    path: str | None = field(None, doc="local Hugging Face checkpoint directory (or an immunize/attack run dir)")
+    A pretrained name (`models.PRETRAINED`, e.g. smollm2-135m-instruct) is a checkpoint, not a random
+    init: as `name` it is stored as `path`, which resolves it to the installed file.
+    """
+
+    name: str | None = field(None, doc="named config: tiny, small, ... (random init), or a pretrained name")
+    path: str | None = field(None, doc="local HF checkpoint directory, run dir, .gguf file or pretrained name")
     dtype: str = field("float32", choices=DTYPES, doc="dtype of the master params")
     overrides: dict[str, Any] = field({}, doc="ModelConfig field overrides for a named config")
 
     def __post_init__(self):
         if (self.name is None) == (self.path is None):
             raise ConfigError("give exactly one of model.name (named config) or model.path (HF dir)")
+        from jaxdefense.models.pretrained import is_pretrained
+
+        if is_pretrained(self.name):
+            if self.overrides:
+                raise ConfigError(f"model.overrides: not allowed with the pretrained model {self.name!r}")
+            self.name, self.path = None, self.name
 
 
 @dataclasses.dataclass

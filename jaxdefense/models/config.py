@@ -136,11 +136,15 @@ _HARMLESS = {
     "use_cache", "initializer_range", "pretraining_tp", "output_attentions", "output_hidden_states",
     "return_dict", "id2label", "label2id", "tokenizer_class", "max_window_layers", "_attn_implementation",
     "_attn_implementation_autoset", "chunk_size_feed_forward", "problem_type", "torchscript",
+    # token ids the forward pass never reads (bos/eos/pad are kept in ModelConfig for generation)
+    "unk_token_id", "sep_token_id", "cls_token_id", "mask_token_id", "decoder_start_token_id",
+    "_commit_hash", "finetuning_task", "task_specific_params", "prefix",
 }
 # key -> value the port assumes; any other value changes the math and is rejected.
 _MUST_EQUAL = {
     "hidden_act": "silu", "mlp_bias": False, "attention_dropout": 0.0, "use_sliding_window": False,
     "partial_rotary_factor": 1.0, "sliding_window": None, "use_mrope": False, "rope_scaling": None,
+    "is_encoder_decoder": False,
 }
 _READ = {
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

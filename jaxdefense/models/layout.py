@@ -4,10 +4,10 @@
               "layers": {name: [L, *dims]}}      (layer weights stacked on a leading L axis)
 
 Each `Weight` names its dimensions (ModelConfig sizes), their logical axes (the sharding rules of
-`jaxdefense.train.sharding` map these to mesh axes), its initialiser, its Hugging Face key, whether
+`jaxdefense.train.sharding` map these to mesh axes), its initialiser, its Hugging Face and GGUF keys, whether
 the HF tensor is its transpose (HF Linear weights are (out, in), ours (in, out): kernel = weightᵀ),
 the config under which it exists, and whether a LoRA adapter may target it. `param_shapes`,
-`param_axes`, `init_params`, the HF map (`models.hf`), `LORA_TARGETS` (`models.lora`) and
+`param_axes`, `init_params`, the HF and GGUF maps (`models.hf`, `models.gguf`), `LORA_TARGETS` (`models.lora`) and
 `train.sharding.PARAM_AXES` all read `WEIGHTS`.
 """
 
@@ -40,7 +40,8 @@ class Weight:
     axis of each of those dimensions; init: "normal" (N(0, INIT_STD²)), "ones" or "zeros";
     hf: its HF tensor name, "{i}" standing for the layer index; transpose: HF holds its transpose;
     when: a key of the presence conditions ("always", "qkv_bias", "qk_norm", "untied");
-    lora: a LoRA target (then dims are (in, out)).
+    lora: a LoRA target (then dims are (in, out)); gguf: its llama.cpp GGUF tensor name (dequantised,
+    a GGUF tensor has the HF tensor's shape, so `transpose` applies to it too).
     """
 
     name: str
@@ -52,11 +53,12 @@ class Weight:
     transpose: bool = False
     when: str = "always"
     lora: bool = False
+    gguf: str = ""
 
     def __post_init__(self):
         if len(self.dims) != len(self.axes) or self.init not in INITS or self.when not in _PRESENT:
             raise ValueError(f"weight {self.name}: inconsistent declaration")
-        if self.layer != ("{i}" in self.hf) or (self.lora and (not self.layer or len(self.dims) != 2)):
+        if self.layer != ("{i}" in self.hf) or self.layer != ("{i}" in self.gguf) or (self.lora and (not self.layer or len(self.dims) != 2)):
             raise ValueError(f"weight {self.name}: inconsistent declaration")
 
     def present(self, cfg: ModelConfig) -> bool:
@@ -78,33 +80,42 @@ class Weight:
 
 
 _ATTN, _MLP = "model.layers.{i}.self_attn.", "model.layers.{i}.mlp."
+_BLK = "blk.{i}."
 
 WEIGHTS: tuple[Weight, ...] = (
-    Weight("embed", False, ("vocab_size", "hidden_size"), ("vocab", "embed"), "normal", "model.embed_tokens.weight"),
-    Weight("attn_norm", True, ("hidden_size",), ("norm",), "ones", "model.layers.{i}.input_layernorm.weight"),
+    Weight("embed", False, ("vocab_size", "hidden_size"), ("vocab", "embed"), "normal", "model.embed_tokens.weight",
+           gguf="token_embd.weight"),
+    Weight("attn_norm", True, ("hidden_size",), ("norm",), "ones", "model.layers.{i}.input_layernorm.weight",
+           gguf=_BLK + "attn_norm.weight"),
     Weight("wq", True, ("hidden_size", "q_dim"), ("embed", "heads"), "normal", _ATTN + "q_proj.weight", True,
-           lora=True),
+           lora=True, gguf=_BLK + "attn_q.weight"),
     Weight("wk", True, ("hidden_size", "kv_dim"), ("embed", "kv_heads"), "normal", _ATTN + "k_proj.weight", True,
-           lora=True),
+           lora=True, gguf=_BLK + "attn_k.weight"),
     Weight("wv", True, ("hidden_size", "kv_dim"), ("embed", "kv_heads"), "normal", _ATTN + "v_proj.weight", True,
-           lora=True),
-    Weight("bq", True, ("q_dim",), ("heads",), "zeros", _ATTN + "q_proj.bias", when="qkv_bias"),
-    Weight("bk", True, ("kv_dim",), ("kv_heads",), "zeros", _ATTN + "k_proj.bias", when="qkv_bias"),
-    Weight("bv", True, ("kv_dim",), ("kv_heads",), "zeros", _ATTN + "v_proj.bias", when="qkv_bias"),
-    Weight("q_norm", True, ("head_dim",), ("norm",), "ones", _ATTN + "q_norm.weight", when="qk_norm"),
-    Weight("k_norm", True, ("head_dim",), ("norm",), "ones", _ATTN + "k_norm.weight", when="qk_norm"),
+           lora=True, gguf=_BLK + "attn_v.weight"),
+    Weight("bq", True, ("q_dim",), ("heads",), "zeros", _ATTN + "q_proj.bias", when="qkv_bias",
+           gguf=_BLK + "attn_q.bias"),
+    Weight("bk", True, ("kv_dim",), ("kv_heads",), "zeros", _ATTN + "k_proj.bias", when="qkv_bias",
+           gguf=_BLK + "attn_k.bias"),
+    Weight("bv", True, ("kv_dim",), ("kv_heads",), "zeros", _ATTN + "v_proj.bias", when="qkv_bias",
+           gguf=_BLK + "attn_v.bias"),
+    Weight("q_norm", True, ("head_dim",), ("norm",), "ones", _ATTN + "q_norm.weight", when="qk_norm",
+           gguf=_BLK + "attn_q_norm.weight"),
+    Weight("k_norm", True, ("head_dim",), ("norm",), "ones", _ATTN + "k_norm.weight", when="qk_norm",
+           gguf=_BLK + "attn_k_norm.weight"),
     Weight("wo", True, ("q_dim", "hidden_size"), ("heads", "embed"), "normal", _ATTN + "o_proj.weight", True,
-           lora=True),
-    Weight("mlp_norm", True, ("hidden_size",), ("norm",), "ones", "model.layers.{i}.post_attention_layernorm.weight"),
+           lora=True, gguf=_BLK + "attn_output.weight"),
+    Weight("mlp_norm", True, ("hidden_size",), ("norm",), "ones", "model.layers.{i}.post_attention_layernorm.weight",
+           gguf=_BLK + "ffn_norm.weight"),
     Weight("w_gate", True, ("hidden_size", "intermediate_size"), ("embed", "mlp"), "normal",
-           _MLP + "gate_proj.weight", True, lora=True),
+           _MLP + "gate_proj.weight", True, lora=True, gguf=_BLK + "ffn_gate.weight"),
     Weight("w_up", True, ("hidden_size", "intermediate_size"), ("embed", "mlp"), "normal", _MLP + "up_proj.weight",
-           True, lora=True),
+           True, lora=True, gguf=_BLK + "ffn_up.weight"),
     Weight("w_down", True, ("intermediate_size", "hidden_size"), ("mlp", "embed"), "normal",
-           _MLP + "down_proj.weight", True, lora=True),
-    Weight("final_norm", False, ("hidden_size",), ("norm",), "ones", "model.norm.weight"),
+           _MLP + "down_proj.weight", True, lora=True, gguf=_BLK + "ffn_down.weight"),
+    Weight("final_norm", False, ("hidden_size",), ("norm",), "ones", "model.norm.weight", gguf="output_norm.weight"),
     Weight("lm_head", False, ("hidden_size", "vocab_size"), ("embed", "vocab"), "normal", "lm_head.weight", True,
-           when="untied"),
+           when="untied", gguf="output.weight"),
 )
 BY_NAME: dict[str, Weight] = {w.name: w for w in WEIGHTS}
 

@@ -113,6 +113,21 @@ def test_unsupported_llama_field(change, needle):
         config_from_hf(config)
 
 
+def test_fields_outside_the_forward_pass_are_accepted(saved, tmp_path):
+    """transformers' config of a GGUF load carries unk_token_id, use_cache, dtype tags, is_encoder_decoder."""
+    cfg, params, _, tensors, config = saved
+    harmless = {"unk_token_id": 0, "sep_token_id": None, "use_cache": False, "torch_dtype": "float32",
+                "dtype": "float32", "is_encoder_decoder": False, "transformers_version": "5.24.0"}
+    cfg2, params2 = load_hf(_write(tmp_path, tensors, {**config, **harmless}))
+    assert cfg2 == cfg
+    jax.tree.map(np.testing.assert_array_equal, params2, params)
+    with pytest.raises(CheckpointError, match="is_encoder_decoder"):
+        config_from_hf({**config, **harmless, "is_encoder_decoder": True})
+    with pytest.raises(CheckpointError, match="rope_type"):
+        config_from_hf({**config, "unk_token_id": 0,
+                        "rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}})
+
+
 def test_legacy_rope_keys_and_hub_metadata():
     """A Llama 3.2-style config.json of transformers 4 (rope_theta + rope_scaling at top level)."""
     legacy = {

@@ -1,0 +1,177 @@
+"""GGUF (llama.cpp) checkpoints: metadata → ModelConfig, dequantised tensors → params, tokenizer.
+
+`load_gguf(path, dtype)` reads the file once with the `gguf` package (no torch), dequantises every
+tensor to float32 on the host (`gguf.dequantize`: Q4_0/1, Q8_0, K-quants, F16, ...) and casts to
+`dtype`. A dequantised GGUF tensor has the HF tensor's shape (ggml lists dims innermost first), so
+the names and transposes come from `layout.WEIGHTS` (`Weight.gguf`, `Weight.transpose`).
+
+llama.cpp's converter permutes the rows of q_proj and k_proj for the "llama" architecture, so
+that ggml's interleaved RoPE (pairs 2i, 2i+1) computes HF's rotate-half RoPE (pairs i, i+Dh/2):
+    W_gguf = W_hf.reshape(H, 2, Dh/2, D).swapaxes(1, 2).reshape(H·Dh, D)
+(H = num_heads for q, num_kv_heads for k). Loading inverts it, as transformers' GGUF loader
+does. "qwen2"/"qwen3" files use ggml's NEOX RoPE (rotate-half) and are not permuted.
+
+Strict like `load_hf`: an unsupported architecture, an architecture metadata key the port does
+not implement (RoPE scaling, sliding window, experts, ...), a missing, unexpected (e.g. llama
+3.1's `rope_freqs.weight`) or mis-shaped tensor raise CheckpointError naming it.
+`general.*`, `tokenizer.*` and `quantize.*` metadata change nothing in the forward pass.
+
+The tokenizer (tokenizer.ggml.* and tokenizer.chat_template) is built by transformers'
+own GGUF conversion, offline: a PreTrainedTokenizerFast with the file's chat template. That
+conversion imports torch (transformers.modeling_gguf_pytorch_utils); the weights do not need it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdefense.errors import CheckpointError
+from jaxdefense.models.config import ModelConfig
+from jaxdefense.models.layout import param_shapes, weights
+
+ARCHITECTURES = ("llama", "qwen2", "qwen3")  # GGUF general.architecture, named as our families
+ROPE_PERMUTED = {"llama": {"wq": "num_heads", "wk": "num_kv_heads"}}  # architecture → weight → heads of the permutation
+_ARCH_KEYS = {  # {arch}.<key> → ModelConfig field (None: checked against the head size)
+    "block_count": "num_layers", "embedding_length": "hidden_size", "feed_forward_length": "intermediate_size",
+    "attention.head_count": "num_heads", "attention.head_count_kv": "num_kv_heads",
+    "attention.layer_norm_rms_epsilon": "rms_norm_eps", "rope.freq_base": "rope_theta",
+    "context_length": "max_position_embeddings", "vocab_size": "vocab_size",
+    "rope.dimension_count": None, "attention.key_length": None, "attention.value_length": None,
+}
+_HARMLESS_PREFIXES = ("general.", "tokenizer.", "quantize.", "GGUF.")
+_TOKEN_IDS = {"bos_token_id": "tokenizer.ggml.bos_token_id", "eos_token_id": "tokenizer.ggml.eos_token_id",
+              "pad_token_id": "tokenizer.ggml.padding_token_id"}
+
+
+def _reader(path: Path):
+    try:
+        import gguf
+    except ImportError as err:
+        raise CheckpointError(f"{path}: reading GGUF needs the gguf package: pip install gguf "
+                              "(or pip install 'jaxdefense[smollm2]')") from err
+    if not path.is_file():
+        raise CheckpointError(f"{path}: GGUF file does not exist")
+    try:
+        return gguf.GGUFReader(str(path))
+    except (ValueError, OSError, KeyError, IndexError) as err:
+        raise CheckpointError(f"{path}: unreadable GGUF file ({err})") from err
+
+
+def _metadata(reader) -> dict:
+    out = {}
+    for key, field in reader.fields.items():
+        if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                   "tokenizer.ggml.scores"):
+            continue  # large arrays, read by the tokenizer conversion
+        out[key] = field.contents()
+    return out
+
+
+def config_from_gguf(meta: dict, tensor_shapes: dict[str, tuple], path="GGUF") -> ModelConfig:
+    """ModelConfig from GGUF metadata (and the tensor list: tied embeddings, vocab size)."""
+    arch = meta.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(f"{path}: general.architecture {arch!r} is not supported "
+                              f"(supported: {ARCHITECTURES})")
+    prefix = arch + "."
+    values = {}
+    for key, value in meta.items():
+        if key.startswith(_HARMLESS_PREFIXES):
+            continue
+        sub = key[len(prefix):] if key.startswith(prefix) else None
+        if sub not in _ARCH_KEYS:
+            raise CheckpointError(f"{path}: GGUF metadata {key}: not implemented by the port (value {value!r})")
+        if isinstance(value, list):
+            raise CheckpointError(f"{path}: GGUF metadata {key}: per-layer values {value!r} are not supported")
+        values[sub] = value
+    for key in ("block_count", "embedding_length", "feed_forward_length", "attention.head_count"):
+        if key not in values:
+            raise CheckpointError(f"{path}: GGUF metadata {prefix}{key}: missing")
+    fields = {f: values[k] for k, f in _ARCH_KEYS.items() if f is not None and k in values}
+    heads = int(fields["num_heads"])
+    fields.setdefault("num_kv_heads", heads)
+    head_dim = int(values.get("attention.key_length", int(fields["hidden_size"]) // heads))
+    for key in ("attention.value_length", "rope.dimension_count"):
+        if key in values and int(values[key]) != head_dim:
+            raise CheckpointError(f"{path}: GGUF metadata {prefix}{key}: {values[key]} != head size {head_dim} "
+                                  "(partial RoPE / different value size) is not supported")
+    if "token_embd.weight" not in tensor_shapes:
+        raise CheckpointError(f"{path}: missing tensor token_embd.weight")
+    fields.setdefault("vocab_size", tensor_shapes["token_embd.weight"][0])
+    fields = {f: float(v) if f in ("rms_norm_eps", "rope_theta") else int(v) for f, v in fields.items()}
+    ids = {f: int(meta[k]) for f, k in _TOKEN_IDS.items() if k in meta}
+    return ModelConfig(**fields, **ids, head_dim=head_dim, tie_embeddings="output.weight" not in tensor_shapes,
+                       qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3", family=arch)
+
+
+def gguf_tensor_map(cfg: ModelConfig) -> dict[str, tuple[str, int | None, bool, tuple]]:
+    """GGUF tensor name → (our param name, layer index or None, transpose, dequantised shape)."""
+    out = {}
+    for w in weights(cfg):
+        for i in range(cfg.num_layers) if w.layer else (None,):
+            out[w.gguf.format(i=i)] = (w.name, i, w.transpose, w.hf_shape(cfg))
+    return out
+
+
+def unpermute_rope_rows(weight: np.ndarray, heads: int) -> np.ndarray:
+    """Invert llama.cpp's q/k row permutation (module docstring) along axis 0."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def load_gguf(path, dtype=jnp.float32) -> tuple[ModelConfig, dict]:
+    """(cfg, params) from a GGUF file, every tensor dequantised through `gguf` and cast to `dtype`."""
+    import gguf
+
+    path = Path(path)
+    reader = _reader(path)
+    tensors = {t.name: t for t in reader.tensors}
+    shapes = {name: tuple(int(d) for d in reversed(t.shape)) for name, t in tensors.items()}
+    cfg = config_from_gguf(_metadata(reader), shapes, path)
+    expected = gguf_tensor_map(cfg)
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor {missing[0]}" + (f" (+{len(missing) - 1} more)"
+                                                                       if len(missing) > 1 else ""))
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise CheckpointError(f"{path}: unexpected tensor {extra[0]} (not implemented by the port)")
+    for key, (_, _, _, want) in expected.items():
+        if shapes[key] != tuple(want):
+            raise CheckpointError(f"{path}: tensor {key} has shape {shapes[key]}, expected {tuple(want)}")
+    permuted = ROPE_PERMUTED.get(cfg.family, {})
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    host = {"layers": {n: np.empty(s, np_dtype) for n, s in param_shapes(cfg)["layers"].items()}}
+    for key, (name, layer, transpose, want) in expected.items():
+        t = tensors[key]
+        try:
+            value = np.asarray(gguf.dequantize(t.data, t.tensor_type), np.float32).reshape(want)
+        except (NotImplementedError, ValueError) as err:
+            raise CheckpointError(f"{path}: tensor {key}: cannot dequantise {t.tensor_type.name} ({err})") from err
+        if name in permuted:
+            value = unpermute_rope_rows(value, getattr(cfg, permuted[name]))
+        value = value.T if transpose else value
+        if layer is None:
+            host[name] = np.asarray(value, np_dtype)
+        else:
+            host["layers"][name][layer] = value
+    return cfg, jax.tree.map(jnp.asarray, host)
+
+
+def load_gguf_tokenizer(path):
+    """transformers PreTrainedTokenizerFast from a GGUF file's tokenizer.ggml.* and chat template, offline."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: GGUF file does not exist")
+    try:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    except (OSError, ValueError, KeyError, ImportError) as err:
+        hint = "" if importlib.util.find_spec("torch") else "; transformers' GGUF conversion imports torch: pip install torch"
+        raise CheckpointError(f"{path}: cannot build a tokenizer from the GGUF metadata ({err}){hint}") from err
