@@ -91,6 +91,11 @@ def measure_config(name: str, shape: dict, rounds: int) -> dict:
         objective = objective.bind(cfg).prepare(SyntheticTokenizer())
         trainable, frozen = objective.init(params, jax.random.key(1))
         batches = synthetic_batches(objective.streams(), shape, cfg.vocab_size)
+        if getattr(objective, "collects", False):  # RL: the update on one host-made rollout batch
+            from jaxdefense.objective import STEP
+
+            batches = objective.collect(trainable, {**batches, STEP: np.int32(0)}, jax.random.key(2), frozen)
+            batches.pop(STEP, None)
         opt_state = optimizer.init(trainable)
         step = jax.jit(make_step(objective.grad, optimizer))
         args = (trainable, opt_state, batches, frozen, jax.random.key(2), np.int32(0))

@@ -125,7 +125,8 @@ def immunize_command(args) -> int:
     config = load(args, {"method": "method.name"})
     result = pipeline.immunize(config, args.out, resume=args.resume, data_dir=args.data_dir,
                                progress=_progress(args))
-    print(f"immunised with {config.method.name} for {config.steps} steps ({_shown(result.metrics)}); "
+    steps = config.steps if config.method.trains else 0
+    print(f"immunised with {config.method.name} for {steps} steps ({_shown(result.metrics)}); "
           f"run dir {result.out}" + (f"; HF export {result.out / pipeline.HF_DIR}" if config.export_hf else ""))
     return 0
 

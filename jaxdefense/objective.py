@@ -13,12 +13,23 @@ stable `jax.jit` key) bound to the `ModelConfig` it runs on:
     init(params, key)              -> (trainable, frozen)       frozen: reference model, LoRA base, ...
     grad(trainable, batches, key, frozen) -> (grads, metrics)   a gradient estimate, not a loss
     export(trainable, frozen)      -> full params               what is saved as the HF checkpoint
+    collect(trainable, batches, key, frozen) -> batches         host phase before each step, run
+                                                                only when `collects` (RL rollouts)
 
-The pipeline calls them in this order; only `streams` and `grad` have no default.
+The pipeline calls them in this order; only `streams` and `grad` have no default. An objective
+with `trains = False` (post hoc, e.g. LoX) is exported right after `init`, without a training loop.
 
 `frozen` enters the jitted step as an argument (never a closed-over constant) and is never
 updated. `grad` returns gradients rather than a loss because some estimators (SEAM's finite
 difference, CTRAP's first-order look-ahead) are the gradient of no scalar.
+
+Two reserved keys connect `grad` to the loop (`train.loop.make_step`):
+    batches[STEP]        the 0-based step (int32 scalar), for schedule-dependent objectives
+                         (absent when `grad` is called outside the loop)
+    metrics[UPDATE_MASK] optional pytree shaped like the grads whose boolean leaves broadcast
+                         to each grad leaf: where False, the parameter and its optimiser state
+                         stay bit-identical through the step (T-Vaccine's frozen layers). It is
+                         consumed by the loop, not logged.
 """
 
 from __future__ import annotations
@@ -33,6 +44,8 @@ from jaxdefense.config import check_bounds, field
 from jaxdefense.errors import ConfigError, DataError
 
 BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask")
+STEP = "_step"
+UPDATE_MASK = "_update_mask"
 
 
 def concat_rows(a: dict, b: dict, names: tuple[str, str] = ("a", "b")) -> dict:
@@ -56,6 +69,8 @@ class Objective:
 
     cfg: Any = field(None, internal=True)
     registered_name: ClassVar[str] = ""
+    trains: ClassVar[bool] = True  # False: post hoc (init computes the result; pipeline.fit skips training)
+    collects: ClassVar[bool] = False  # True: the loop calls `collect` on the host before each step
 
     def __post_init__(self):
         """Choices and bounds of the fields (`config.field`) hold for directly built instances too."""
@@ -104,6 +119,13 @@ class Objective:
     def grad(self, params, batches, key, frozen):
         raise NotImplementedError
 
+    def collect(self, params, batches, key, frozen) -> dict:
+        """The step's batches for `grad`, built on the host from the current params (e.g. rollouts
+        added as new row arrays); batches[STEP] is the step and `key` the step's key (the loop's
+        `train(collect=...)`). A pure function of its inputs; default: the batches unchanged."""
+        del params, key, frozen
+        return batches
+
     def export(self, params, frozen):
         del frozen
         return params
@@ -140,6 +162,13 @@ class LoRA(Objective):
     def build_records(self, records, model_cfg, params, tokenizer):
         return self.inner.build_records(records, model_cfg, params, tokenizer)
 
+    @property
+    def collects(self) -> bool:
+        return self.inner.collects
+
+    def collect(self, params, batches, key, frozen):
+        return self.inner.collect(self.merged(params, frozen), batches, key, frozen["inner"])
+
     def init(self, params, key):
         from jaxdefense.models import lora_init
 
@@ -155,9 +184,14 @@ class LoRA(Objective):
         return lora_merge(frozen["base"], {"layers": adapters, "scale": self.alpha / self.rank})
 
     def grad(self, params, batches, key, frozen):
+        """The inner update pulled back to the adapters; an inner UPDATE_MASK over the stacked
+        layer weights masks both adapter factors of each adapted weight."""
         merged, pullback = jax.vjp(lambda a: self.merged(a, frozen), params)
         g_full, metrics = self.inner.grad(merged, batches, key, frozen["inner"])
         (g_adapters,) = pullback(g_full)
+        if UPDATE_MASK in metrics:
+            layers = metrics[UPDATE_MASK]["layers"]
+            metrics = {**metrics, UPDATE_MASK: {name: {"a": layers[name], "b": layers[name]} for name in params}}
         return g_adapters, metrics
 
     def export(self, params, frozen):

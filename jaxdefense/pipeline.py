@@ -79,18 +79,29 @@ class RunResult:
 
 
 def model_dir(path: str | os.PathLike) -> Path:
-    """The HF directory behind a model path: DIR itself, or DIR/hf for a run directory."""
+    """The checkpoint behind a model path: an HF directory (DIR itself, or DIR/hf for a run directory),
+    a .gguf file, or the GGUF file of a named pretrained model (`models.PRETRAINED`)."""
+    from jaxdefense.models.pretrained import is_pretrained, pretrained_path
+
     p = Path(path)
+    if is_pretrained(str(path)) and not p.exists():
+        try:
+            return pretrained_path(str(path))
+        except CheckpointError as e:
+            raise ConfigError(f"model.path: {e}") from e
+    if p.is_file() and p.suffix == ".gguf":
+        return p
     if (p / HF_DIR / "config.json").is_file():
         return p / HF_DIR
     if (p / "config.json").is_file():
         return p
-    raise ConfigError(f"model.path: {str(path)!r} holds neither config.json nor {HF_DIR}/config.json")
+    raise ConfigError(f"model.path: {str(path)!r} holds neither config.json nor {HF_DIR}/config.json "
+                      "(nor is it a .gguf file or a pretrained model name)")
 
 
 def build_model(section: C.ModelSection | None, seed: int):
-    """(ModelConfig, params): a named config initialised from `seed`, or an HF / run directory."""
-    from jaxdefense.models import init_params, load_hf, named_config
+    """(ModelConfig, params): a named config initialised from `seed`, an HF / run directory or a GGUF file."""
+    from jaxdefense.models import init_params, load_gguf, load_hf, named_config
 
     if section is None:
         raise ConfigError("model: required (model.name: a named config, or model.path: an HF/run directory)")
@@ -98,7 +109,8 @@ def build_model(section: C.ModelSection | None, seed: int):
     if section.path is not None:
         if section.overrides:
             raise ConfigError("model.overrides: only allowed with model.name")
-        return load_hf(model_dir(section.path), dtype=dtype)
+        source = model_dir(section.path)
+        return load_gguf(source, dtype=dtype) if source.suffix == ".gguf" else load_hf(source, dtype=dtype)
     try:
         cfg = named_config(section.name, **section.overrides)
     except TypeError as e:
@@ -129,7 +141,7 @@ def build_tokenizer(spec: str | None, model_path: str | None, texts: list[str], 
             return train_bpe_tokenizer(texts, vocab, saved)
         except ConfigError as e:
             raise ConfigError(f"data.tokenizer: {e}") from e
-    if not Path(spec).is_dir():
+    if not Path(spec).is_dir() and not (Path(spec).is_file() and spec.endswith(".gguf")):
         raise ConfigError(f"data.tokenizer: directory {spec!r} does not exist")
     try:
         return load_tokenizer(spec)
@@ -234,6 +246,8 @@ def fit(config: RunConfig, objective: Objective, out=None, *, resume: bool = Fal
         resuming = check_out(out, resume)
         if resuming:
             check_resumable(config, out)
+    if not objective.trains and config.lora.rank:
+        raise ConfigError(f"lora.rank: {objective.name} trains nothing (no adapters); use lora.rank=0")
     objective = with_lora(objective, config.lora)
     data_dir = data_dir or config.data.dir
     run_dir = RunDir(out, not resuming) if out is not None else None
@@ -263,6 +277,8 @@ def fit(config: RunConfig, objective: Objective, out=None, *, resume: bool = Fal
             run_dir.discard()
         raise
     out = run_dir.commit() if run_dir is not None else None
+    if not objective.trains:
+        return _export_untrained(config, objective, trainable, frozen, model_cfg, tokenizer, out, data_report)
     callback, every = (None, 0)
     if hook is not None:
         callback, every = hook(model_cfg, tokenizer, objective, frozen, out)
@@ -271,11 +287,30 @@ def fit(config: RunConfig, objective: Objective, out=None, *, resume: bool = Fal
         steps=config.steps, mesh=mesh, run_dir=out, ckpt_every=config.ckpt_every,
         resume=resuming, seed=config.seed, log_every=config.log_every,
         compute_dtype=config.compute_dtype, progress=progress, callback=callback, callback_every=every,
+        collect=objective.collect if objective.collects else None,
     )
     params_out = jax.device_get(objective.export(result.params, frozen))
     if out is not None and config.export_hf and jax.process_index() == 0:
         save_hf(model_cfg, params_out, out / HF_DIR, tokenizer=tokenizer)
     return RunResult(out, model_cfg, params_out, tokenizer, dict(result.metrics), result.history,
+                     {"data_report": data_report} if data_report else {})
+
+
+def _export_untrained(config, objective, trainable, frozen, model_cfg, tokenizer, out, data_report) -> RunResult:
+    """A post-hoc objective (`trains = False`): its init is the result; `steps` is ignored and
+    metrics.jsonl holds one record saying no step ran."""
+    from jaxdefense.models import save_hf
+    from jaxdefense.train.metrics import MetricsLog
+
+    params_out = jax.device_get(objective.export(trainable, frozen))
+    metrics = {"step": 0, "steps": 0}
+    if out is not None and jax.process_index() == 0:
+        log = MetricsLog(out)
+        log.write(metrics)
+        log.close()
+        if config.export_hf:
+            save_hf(model_cfg, params_out, out / HF_DIR, tokenizer=tokenizer)
+    return RunResult(out, model_cfg, params_out, tokenizer, metrics, [metrics],
                      {"data_report": data_report} if data_report else {})
 
 

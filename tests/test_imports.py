@@ -27,6 +27,7 @@ FORBIDDEN = {
     "jaxdefense.train": ("jaxdefense.cli", "jaxdefense.methods", "jaxdefense.attacks", "jaxdefense.eval",
                          "jaxdefense.pipeline"),
     "jaxdefense.models": ("jaxdefense.train", "jaxdefense.methods", "jaxdefense.attacks", "jaxdefense.eval"),
+    "jaxdefense.rl": ("jaxdefense.train", "jaxdefense.methods", "jaxdefense.attacks", "jaxdefense.pipeline"),
 }
 
 

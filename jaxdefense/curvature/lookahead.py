@@ -41,7 +41,8 @@ def lookahead_grad(
 ):
     """(L_out(θ'), ∇F(θ), aux) for F(θ) = L_out(θ − α·s(θ)); see the module docstring.
 
-    aux: step_loss (L_step(θ)), step_grad_norm (‖g_h‖), and outer_aux/step_aux with has_aux.
+    aux: step_loss (L_step(θ)), step_grad (g_h), step_grad_norm (‖g_h‖), and outer_aux/step_aux
+    with has_aux.
     """
     if order not in ORDERS:
         raise ConfigError(f"lookahead_grad order must be one of {ORDERS}, got {order!r}")
@@ -64,7 +65,7 @@ def lookahead_grad(
     else:
         grad = u
 
-    aux = {"step_loss": step_value, "step_grad_norm": norm}
+    aux = {"step_loss": step_value, "step_grad": g_h, "step_grad_norm": norm}
     if has_aux:
         aux["outer_aux"], aux["step_aux"] = outer_aux, step_aux
     return outer_value, grad, aux

@@ -5,9 +5,9 @@ Step i (0-based) reads `stream.batch_at(i)` from every stream and uses the key
 a run resumed from checkpoint N (the state after N steps) reproduces the uninterrupted run
 bit for bit. The jitted step
 
-    grads, metrics = grad_fn(cast(params, compute_dtype), batches, key, cast(frozen, compute_dtype))
+    grads, metrics = grad_fn(cast(params, compute_dtype), {**batches, STEP: i}, key, cast(frozen, compute_dtype))
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = params + updates
+    params = params + updates           (where metrics[UPDATE_MASK] is False: params, opt_state kept)
 
 is compiled once, with explicit in/out shardings (params, optimiser state and grads keep
 their sharding; `frozen` — a reference model, a LoRA base — is sharded like params and is an
@@ -33,6 +33,7 @@ import numpy as np
 import optax
 
 from jaxdefense.errors import CheckpointError, ConfigError, NonFiniteError
+from jaxdefense.objective import STEP, UPDATE_MASK
 from jaxdefense.train import sharding as shd
 from jaxdefense.train.checkpoint import CHECKPOINT_SUBDIR, Checkpointer, abstract_tree
 from jaxdefense.train.metrics import MetricsLog, progress_bar, to_json_value
@@ -92,17 +93,44 @@ def compute_grads(grad_fn: GradFn, params, batches, key, compute_dtype=None, gra
     return grads, dict(metrics)
 
 
+def keep_masked(mask, new, old, params):
+    """`new` with the entries where `mask` (a params-shaped pytree of booleans broadcastable to
+    each leaf) is False taken from `old`; `new`/`old` are params or optimiser states, whose
+    params-shaped subtrees are masked and other leaves (a step count) taken from `new`."""
+    treedef = jax.tree.structure(params)
+
+    def is_params(node):
+        try:
+            return jax.tree.structure(node) == treedef
+        except Exception:
+            return False
+
+    def select(n, o):
+        if not is_params(n):
+            return n
+        return jax.tree.map(lambda m, a, b: jnp.where(m, a, b), mask, n, o)
+
+    return jax.tree.map(select, new, old, is_leaf=is_params)
+
+
 def make_step(grad_fn: GradFn, optimizer: optax.GradientTransformation, compute_dtype=None,
               grad_shardings=None):
     """The un-jitted step: (params, opt_state, batches, frozen, base_key, step) ->
-    (params, opt_state, metrics, ok, finite) where `finite` flags every metric and grad leaf."""
+    (params, opt_state, metrics, ok, finite) where `finite` flags every metric and grad leaf.
+    grad_fn sees the step as batches[STEP]; a metrics[UPDATE_MASK] it returns is consumed here."""
     compute_dtype = _canonical_dtype(compute_dtype)
 
     def step_fn(params, opt_state, batches, frozen, base_key, step):
         key = jax.random.fold_in(base_key, step)
+        batches = {**batches, STEP: jnp.asarray(step, jnp.int32)}
         grads, metrics = compute_grads(grad_fn, params, batches, key, compute_dtype, grad_shardings, frozen=frozen)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        mask = metrics.pop(UPDATE_MASK, None)
+        updates, new_state = optimizer.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        if mask is not None:
+            new_params = keep_masked(mask, new_params, params, params)
+            new_state = keep_masked(mask, new_state, opt_state, params)
+        params, opt_state = new_params, new_state
         # Per-leaf sums of squares give the grad norm and, for free, which grads are non-finite.
         grad_sq = jax.tree.map(lambda g: jnp.sum(jnp.square(g.astype(jnp.float32))), grads)
         finite = {
@@ -209,6 +237,7 @@ def train(
     callbacks: Sequence[Callable[[dict], None]] = (),
     callback: Callable[[int, Any], None] | None = None,
     callback_every: int = 0,
+    collect: Callable[[Any, dict, jax.Array, Any], dict] | None = None,
 ) -> TrainResult:
     """Run steps [start, steps) of `grad_fn` + `optimizer`; start = 0 or the latest checkpoint.
 
@@ -221,6 +250,11 @@ def train(
     callback(n, params): called outside the jitted step with the params after n completed steps,
     for n = start, every n with n % callback_every == 0 (callback_every > 0) and n = steps (e.g.
     evaluation curves during an attack); it must not keep references to params.
+    collect(params, host_batches, key, frozen) -> host_batches: a host phase before step i
+    (`Objective.collect`, e.g. RL rollouts): it sees the params after i steps, the step's
+    batches with batches[STEP] = i, the step's key fold_in(key(seed), i) and frozen, and returns
+    the batches the jitted step gets (new fixed-shape row arrays may be added); it must be a
+    pure function of its inputs so a resumed run stays bit-identical.
     Returns TrainResult(params, opt_state, step=completed steps, metrics=last logged, history).
     """
     if steps < 0:
@@ -296,6 +330,8 @@ def train(
         if callback is not None:
             callback(start, params)
         for i in range(start, steps):
+            if collect is not None:
+                host = _collected(collect, params, host, base_key, i, frozen)
             batches = _device_batches(host, b_shard)
             tokens_since += _tokens(host)
             params, opt_state, metrics, ok, finite = step_fn(
@@ -349,6 +385,13 @@ def train(
         if ckpt is not None:
             ckpt.close()
     return TrainResult(params, opt_state, max(start, steps), last, history)
+
+
+def _collected(collect, params, host, base_key, step: int, frozen) -> dict:
+    """The step's host batches after `collect` (STEP given to it, removed from what it returns)."""
+    out = dict(collect(params, {**host, STEP: np.int32(step)}, jax.random.fold_in(base_key, step), frozen))
+    out.pop(STEP, None)
+    return out
 
 
 def _fresh_copy(params, shardings):
