@@ -1,0 +1,190 @@
+"""T-Vaccine on the tiny random model: layers are drawn with the stated probabilities, the set
+holds over each switch interval, the update is Vaccine's on the drawn layers, and the real train
+step leaves the other layers' parameters and optimiser state bit-identical (full and LoRA)."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from perturbed_reference import as_jnp, perturbed_ce, rel_err, to64, zero_deltas
+from scipy.stats import chi2
+
+from jaxdefense.data import data_root_available
+from jaxdefense.methods import get_method
+from jaxdefense.methods.t_vaccine import TVaccine, sample_layers
+from jaxdefense.models import named_config
+from jaxdefense.objective import STEP, UPDATE_MASK, LoRA
+from jaxdefense.train.loop import make_step
+
+CFG = named_config("tiny")
+REPO = Path(__file__).resolve().parents[2]
+T_VACCINE_TINY = str(REPO / "jaxdefense" / "configs" / "t_vaccine_tiny.yaml")
+DRAWS = 6000
+
+
+def _batches(data, step, dtype=None):
+    raw = data.batches(step)
+    return as_jnp({"alignment": raw["alignment"], "harmful": raw["adversarial"]}, dtype)
+
+
+def _draws(p, gamma):
+    keys = jax.random.split(jax.random.key(123), DRAWS)
+    return np.asarray(jax.jit(jax.vmap(lambda k: sample_layers(k, jnp.asarray(p), gamma)))(keys))
+
+
+def _chi2(counts, expected):
+    return float(np.sum((counts - expected) ** 2 / expected))
+
+
+def test_single_layer_draws_follow_p_chi_square():
+    p = np.array([0.05, 0.1, 0.15, 0.3, 0.4])
+    draws = _draws(p, 1)
+    assert (draws.sum(axis=1) == 1).all()
+    counts = draws.sum(axis=0)
+    assert _chi2(counts, DRAWS * p) < chi2.ppf(0.999, len(p) - 1)
+    assert _chi2(counts, np.full(5, DRAWS / 5)) > chi2.ppf(0.999999, len(p) - 1)  # the test has power
+
+
+def test_layer_sets_follow_sampling_without_replacement_chi_square():
+    """γ = 2 of 4: P({i, j}) = p_i p_j/(1 − p_i) + p_j p_i/(1 − p_j) (np.random.choice(replace=False, p))."""
+    p = np.array([0.1, 0.2, 0.3, 0.4])
+    draws = _draws(p, 2)
+    assert (draws.sum(axis=1) == 2).all()
+    pairs = list(itertools.combinations(range(4), 2))
+    counts = np.array([np.sum(draws[:, i] & draws[:, j]) for i, j in pairs])
+    expected = DRAWS * np.array([p[i] * p[j] / (1 - p[i]) + p[j] * p[i] / (1 - p[j]) for i, j in pairs])
+    np.testing.assert_allclose(expected.sum(), DRAWS)
+    assert _chi2(counts, expected) < chi2.ppf(0.999, len(pairs) - 1)
+    assert _chi2(counts, np.full(len(pairs), DRAWS / len(pairs))) > chi2.ppf(0.999999, len(pairs) - 1)
+
+
+def test_layer_set_holds_over_each_switch_interval(params, data):
+    m = TVaccine(cfg=CFG, gamma=1, switch_every=3)
+    _, frozen = m.init(params, jax.random.key(5))
+    batches = _batches(data, 0)
+    active = jax.jit(lambda s: m.active_layers(params, {**batches, STEP: s}, frozen)[0])
+    sets = [tuple(np.asarray(active(np.int32(s)))) for s in range(24)]
+    for start in range(0, 24, 3):
+        assert len(set(sets[start:start + 3])) == 1, sets
+    assert len(set(sets)) == 2, sets  # both layers drawn over 8 intervals
+    assert all(sum(s) == 1 for s in sets)
+
+
+def test_update_is_vaccine_on_the_drawn_layers_in_float64(params, data):
+    """p_l = ‖∂CE_harm/∂δ_l‖/Σ; ε on the drawn layer only, normed over it; grads masked to it."""
+    with jax.enable_x64(True):
+        p64, batches = to64(params), _batches(data, 3, jnp.float64)
+        m = TVaccine(cfg=CFG, rho=2.5, gamma=1, switch_every=4)
+        _, frozen = m.init(p64, jax.random.key(9))
+        batches = {**batches, STEP: jnp.int32(6)}
+        got, metrics = jax.jit(m.grad)(p64, batches, None, frozen)
+
+        @jax.jit
+        def hidden_grad(batch):
+            return jax.grad(lambda ds: perturbed_ce(CFG, p64, batch, ds))(zero_deltas(CFG, batch, jnp.float64))
+
+        s = np.array([float(jnp.sqrt(jnp.sum(x * x))) for x in hidden_grad(batches["harmful"])])
+        np.testing.assert_allclose([float(metrics[f"p_l{i}"]) for i in range(CFG.num_layers)], s / s.sum(), rtol=1e-10)
+        active = [bool(metrics[f"active_l{i}"]) for i in range(CFG.num_layers)]
+        assert sum(active) == 1
+        g = hidden_grad(batches["alignment"])
+        norm = jnp.sqrt(sum(jnp.sum(x * x) for x, a in zip(g, active) if a))
+        eps = [2.5 * x / (norm + 1e-7) if a else 0 * x for x, a in zip(g, active)]
+        value, ref = jax.jit(jax.value_and_grad(lambda p: perturbed_ce(CFG, p, batches["alignment"], eps)))(p64)
+        keep = np.array(active)
+        ref = {**ref, "layers": jax.tree.map(lambda x: x * keep.reshape((-1,) + (1,) * (x.ndim - 1)), ref["layers"])}
+        assert rel_err(got, ref) < 1e-9
+        np.testing.assert_allclose(float(metrics["loss"]), float(value), rtol=1e-12)
+        np.testing.assert_allclose(float(metrics["hidden_grad_norm"]), float(norm), rtol=1e-10)
+        mask = metrics[UPDATE_MASK]
+        assert jax.tree.structure(mask) == jax.tree.structure(got)
+        for x in jax.tree.leaves(got["layers"]):
+            assert float(jnp.abs(x[keep.argmin()]).max()) == 0.0 and float(jnp.abs(x[keep.argmax()]).max()) > 0
+
+
+def _bits(x):
+    return np.asarray(x).view(np.uint32)
+
+
+def _layer_leaves(tree):
+    return jax.tree.leaves(tree)
+
+
+def _check_steps(objective, trainable, frozen, batches_at, layer_slices, steps=6):
+    """Run the real jitted train step; after each, every leaf of the layers not drawn (and its Adam
+    mu/nu) is bit-identical to before; the drawn layer's leaves moved. Returns the drawn sets."""
+    optimizer = optax.adamw(1e-2, weight_decay=0.1)
+    step = jax.jit(make_step(objective.grad, optimizer))
+    state = optimizer.init(trainable)
+    drawn = []
+    for i in range(steps):
+        before, state_before = jax.device_get(trainable), jax.device_get(state)
+        trainable, state, metrics, ok, _ = step(trainable, state, batches_at(i), frozen, jax.random.key(0), np.int32(i))
+        assert bool(ok) and UPDATE_MASK not in metrics
+        active = [bool(metrics[f"active_l{k}"]) for k in range(CFG.num_layers)]
+        drawn.append(active)
+        after, state_after = jax.device_get(trainable), jax.device_get(state)
+        pairs = [(before, after), (state_before[0].mu, state_after[0].mu), (state_before[0].nu, state_after[0].nu)]
+        for k, a in enumerate(active):
+            same = [np.array_equal(_bits(x[k]), _bits(y[k])) for old, new in pairs
+                    for x, y in zip(layer_slices(old), layer_slices(new))]
+            assert all(same) if not a else not all(same[:len(layer_slices(before))]), (i, k, a, same)
+    return drawn
+
+
+def test_train_step_leaves_unsampled_layers_bit_identical(params, data):
+    """Through `train.loop.make_step` with AdamW (weight decay 0.1): momentum built while a layer was
+    drawn does not move it once it is not."""
+    m = TVaccine(cfg=CFG, gamma=1, switch_every=1)
+    trainable, frozen = m.init(params, jax.random.key(3))
+    batches = {i: _batches(data, i) for i in range(6)}
+    drawn = _check_steps(m, trainable, frozen, batches.__getitem__, lambda t: _layer_leaves(t["layers"]))
+    assert any(d[0] for d in drawn) and any(d[1] for d in drawn), drawn
+    assert any(drawn[i] != drawn[i + 1] for i in range(5)), drawn
+
+
+@pytest.mark.slow
+def test_lora_wrapped_update_leaves_unsampled_adapters_bit_identical(params, data):
+    m = LoRA(cfg=CFG, inner=TVaccine(cfg=CFG, gamma=1, switch_every=1), rank=4, alpha=8.0, targets=("wq", "wv"))
+    trainable, frozen = m.init(params, jax.random.key(3))
+    assert set(trainable) == {"wq", "wv"}
+    batches = {i: _batches(data, i) for i in range(6)}
+    drawn = _check_steps(m, trainable, frozen, batches.__getitem__, _layer_leaves)
+    assert any(d[0] for d in drawn) and any(d[1] for d in drawn), drawn
+
+
+def test_defaults_and_streams():
+    m = get_method("t_vaccine", CFG)
+    assert (m.rho, m.gamma, m.switch_every) == (3.0, 8, 20)
+    assert m.streams()["harmful"].source == "harmful_qa" and m.streams()["alignment"].source == "refusal"
+    assert set(TVaccine.cost_variants) == {"g1", "g8"}
+
+
+@pytest.mark.slow
+def test_gamma_is_capped_at_the_depth(params, data):
+    m = get_method("t_vaccine", CFG)
+    _, frozen = m.init(params, jax.random.key(0))
+    _, metrics = jax.jit(m.grad)(params, _batches(data, 0), None, frozen)  # γ = 8 > 2 layers: every layer
+    assert all(float(metrics[f"active_l{i}"]) == 1.0 for i in range(CFG.num_layers))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not data_root_available(), reason="shared data root not found")
+def test_cli_run(tmp_path):
+    from jaxdefense.cli import main
+    from jaxdefense.train import read_metrics
+
+    out = tmp_path / "t_vaccine"
+    assert main(["immunize", "--config", T_VACCINE_TINY, "--out", str(out), "--set", "steps=2", "--set", "log_every=1",
+                 "--set", "data.batch_size=4", "--set", "data.max_len=48", "--no-progress"]) == 0
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [0, 1]
+    assert sum(rows[0][f"active_l{i}"] for i in range(2)) == 1
+    np.testing.assert_allclose(rows[0]["p_l0"] + rows[0]["p_l1"], 1.0, rtol=1e-6)
+    assert (out / "hf" / "model.safetensors").is_file()
