@@ -130,7 +130,7 @@ def test_three_estimators_give_the_same_update(params, data):
     assert -1.0 <= float(metrics["cos"]) <= 1.0
 
 
-@pytest.mark.parametrize("gamma", [0.0, 0.6])
+@pytest.mark.parametrize("gamma", [0.6])
 def test_exact_update_is_the_gradient_of_the_composed_scalar_in_float64(params, data, gamma):
     """estimator "exact": grads = ∇[L_ul + α·L_up + γ·ℓ_ben + β·cos(∇ℓ_adv, ∇ℓ_ben)] by autodiff of the whole scalar."""
     with jax.enable_x64(True):
@@ -195,8 +195,8 @@ def test_seam_lowers_held_out_gradient_cosine(params, data):
 
 
 @pytest.mark.parametrize("name, hparams, needle", [
-    ("nope", {}, "method.name: unknown method 'nope' (known: ctrap, sdd, seam, sft)"),
-    ("seam", {"gamma": 1.0}, "method.gamma: unknown key"),
+    ("nope", {}, "method.name: unknown method 'nope' (known: booster, circuit_breakers, "),
+    ("seam", {"zeta": 1.0}, "method.zeta: unknown key"),
     ("seam", {"beta": "lots"}, "method.beta: expected float"),
     ("seam", {"beta": -1.0}, "method.beta: must be >= 0"),
     ("seam", {"estimator": "backward"}, "method.estimator: 'backward' is not one of"),

@@ -141,7 +141,7 @@ def test_first_order_is_the_official_accumulation_and_exact_is_autodiff_in_float
         got, metrics = jax.jit(lambda p, k: exact.grad(p, batches, k, frozen))(p64, key)
         assert _rel(got, ref_grad) < 1e-6, _rel(got, ref_grad)
         assert _rel(fo, ref_grad) > 1e-4  # the second-order term matters here
-        np.testing.assert_allclose(float(metrics["loss"]), float(ref_value), rtol=1e-10)
+        np.testing.assert_allclose(float(metrics["loss"]), float(ref_value), rtol=1e-6)
 
         # the same key draws the same adversary and update; the draw follows the key
         again, _ = first(p64, key)
