@@ -31,7 +31,7 @@ def _one_line_error(capsys, needle: str) -> str:
 
 @pytest.mark.parametrize("argv, needle", [
     (["--method", "nope"], "method.name: unknown method 'nope'"),
-    (["--method", "seam", "--set", "method.gamma=1"], "method.gamma: unknown key"),
+    (["--method", "seam", "--set", "method.zeta=1"], "method.zeta: unknown key"),
     (["--set", "method.estimator=backward"], "method.estimator"),
     (["--set", "method.beta=lots"], "method.beta: expected float"),
     (["--set", "method.beta=-1"], "method.beta: must be >= 0"),
