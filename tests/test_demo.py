@@ -113,8 +113,8 @@ def test_verdicts_compare_rises_against_twice_the_undefended_rise():
     rows[-2]["task_accuracy"] = 0.516  # the undefended model stays at chance (0.5 → 0.516): vacuous
     v = verdicts(rows, curves, [1e-3, 3e-3], "seam")
     assert v["benign_ok"] is None and not v["benign_task_learned"] and "vacuous" in v["benign_undetermined_because"]
-    rows[0]["task_accuracy"] = 0.40  # ... but up by 0.116 ≥ 0.05 from 0.40: learned
-    assert verdicts(rows, curves, [1e-3, 3e-3], "seam")["benign_ok"] is False
+    rows[0]["task_accuracy"] = 0.0  # up from an unparsable 0 to chance is still not learning
+    assert verdicts(rows, curves, [1e-3, 3e-3], "seam")["benign_ok"] is None
     rows[3]["benign_nll"] = 3.05  # SEAM's benign NLL falls: no self-destruction even if undefended falls more
     rows[2]["benign_nll"] = 2.5
     assert not verdicts(rows, curves, [1e-3], "seam")["self_destruct_by_lr"]["0.001"]["holds"]
