@@ -166,3 +166,23 @@ def test_cli_smoke(tmp_path):
                     "--out", str(out), "--set", "steps=2"], check=True)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "harmful_entropy", "token_noiser"} <= set(rows[-1]) and (out / "hf" / "config.json").is_file()
+
+
+def test_registered_tokenbuncher_rewards_are_minus_entropy_on_harmful_and_minus_kl_on_benign():
+    """get_method("tokenbuncher"): R^TB = −(1/|y|)Σ_t H_t on harmful rows, −w_b·Σ_t (log π − log π_ref) on
+    benign rows, against hand numbers (w_b = 0.5)."""
+    from jaxdefense.methods import get_method
+
+    obj = get_method("tokenbuncher", TINY, benign_weight=0.5, warmup_steps=3)
+    assert isinstance(obj, TokenBuncher) and obj.prompt_streams() == ("harmful", "benign")
+    assert set(obj.streams()) == {"harmful", "benign"} and obj.streams()["harmful"].half == "defender"
+    aux = {"entropy": np.array([[1.0, 2.0, 9.0], [0.5, 0.5, 0.5]]),
+           "weights": np.array([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]),
+           "old_logp": np.array([[-1.0, -1.0, -1.0], [-1.0, -2.0, -0.5]]),
+           "ref_logp": np.array([[-3.0, -3.0, -3.0], [-1.5, -1.0, -1.0]])}
+    rewards, stats = obj.rewards(None, None, aux, np.array([0, 1]))
+    # row 0 (harmful): −(1 + 2)/2; row 1 (benign): −0.5·((−1+1.5) + (−2+1) + (−0.5+1)) = −0.5·0.0
+    np.testing.assert_allclose(rewards, [-1.5, -0.0], atol=1e-7)
+    aux["old_logp"][1] = [-1.0, -1.0, -0.5]  # Σ KL terms = 0.5 + 0 + 0.5 = 1 → reward −0.5
+    np.testing.assert_allclose(obj.rewards(None, None, aux, np.array([0, 1]))[0], [-1.5, -0.5], atol=1e-7)
+    assert set(stats) == {"harmful_entropy", "benign_kl"}
