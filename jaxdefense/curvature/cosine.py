@@ -84,8 +84,13 @@ def cosine_grad(
     perturb_dtype=None,
     has_aux: bool = False,
     exact_via: str = "linearize",
+    at=None,
 ):
     """(cos, grad, aux): c = cos(∇L_a(θ), ∇L_b(θ)) and ∇_θ c (exactly or estimated).
+
+    at: optional ((L_a, ∇L_a), (L_b, ∇L_b)) already computed by the caller at θ (cast to
+    perturb_dtype when one is given), for a caller whose gradients share a pass with other
+    work; used by "forward", "central" and exact_via="jvp" (not with has_aux).
 
     aux: loss_a, loss_b, norm_a (‖g_a‖), norm_b, dot (⟨g_a, g_b⟩), and aux_a/aux_b from
     loss functions with has_aux. grad leaves have the params' dtypes ("exact") or
@@ -96,7 +101,15 @@ def cosine_grad(
 
     if exact_via not in ("linearize", "jvp"):
         raise ConfigError(f"cosine_grad exact_via must be 'linearize' or 'jvp', got {exact_via!r}")
-    if estimator == "exact" and exact_via == "linearize":
+    if at is not None and (has_aux or (estimator == "exact" and exact_via == "linearize")):
+        raise ConfigError("cosine_grad at= needs has_aux=False and a finite-difference estimator or exact_via='jvp'")
+    if at is not None:
+        (loss_va, g_a), (loss_vb, g_b) = at
+        aux_a = aux_b = None
+        work = params if perturb_dtype is None else tree_cast(params, perturb_dtype)
+        hvp_a = lambda v: hvp(loss_a, params, batch_a, v)
+        hvp_b = lambda v: hvp(loss_b, params, batch_b, v)
+    elif estimator == "exact" and exact_via == "linearize":
         loss_va, g_a, hvp_a, aux_a = linearize_grad(loss_a, params, batch_a, has_aux=has_aux)
         loss_vb, g_b, hvp_b, aux_b = linearize_grad(loss_b, params, batch_b, has_aux=has_aux)
     elif estimator == "exact":

@@ -33,10 +33,19 @@ this port follows it:
   i.e. the official sum over the final CE plus the L+1 hidden states, divided by the number
   of hidden states. HF's last hidden state is already final-normed, so the official last
   lens term normalises twice; ours is pre-norm (``forward(return_hidden=True)``), so its lens
-  term equals CE_final and is taken as such (one vocabulary projection fewer). The other lens
-  terms run one hidden state at a time under ``jax.checkpoint`` (memory of one [B,T,V] logits;
-  measured faster than a batched form on the small config). ``unlearning="log"`` drops the
-  lens (−log(1+CE)); ``"ascent"`` is the paper's plain −CE.
+  term equals CE_final and is taken as such (one vocabulary projection fewer).
+  ``unlearning="log"`` drops the lens (−log(1+CE)); ``"ascent"`` is the paper's plain −CE.
+- Vocabulary projections (``jaxdefense.models.vocab.masked_state_ce``): every CE here (the
+  lens terms, CE_final, L_up, g_a, g_b) projects only the positions that carry a target
+  (sorted to the front of each row, ``lens_chunk`` per row at a time, under
+  ``jax.checkpoint``), so no [B,T,V] logits exist; the official code projects every position
+  of every hidden state. Same value up to summation order.
+- One harmful forward: the decoder stack runs once on the harmful batch, its ``jax.vjp`` is
+  pulled back twice (∂L_ul/∂h, then ∂CE_final/∂h_L for g_a), and the vocabulary heads are
+  differentiated separately, so the lens backward runs once. With "log"/"ascent",
+  ∇L_ul = f'(CE)·g_a. g_a (and g_b, which γ reuses) are handed to ``cosine_grad`` (``at=``)
+  for the finite-difference estimators at the params' own dtype; "exact" (linearised
+  gradients) and a float32 perturbation copy of low-precision params compute their own.
 - g_b: CE on the benign batch over *all* real tokens (official labels = input_ids with pads
   at −100, so prompt tokens count); ``benign_full_sequence=False`` uses ``loss_mask`` instead.
 - The same batches are used at θ and at the perturbed points; no gradient clipping; the
@@ -62,8 +71,8 @@ from jaxdefense.data.specs import StreamSpec
 from jaxdefense.errors import DataError
 from jaxdefense.objective import Objective
 from jaxdefense.registry import register_method
-from jaxdefense.models import forward
-from jaxdefense.models.decoder import logits_from_hidden, next_token_nll
+from jaxdefense.models.decoder import decoder_stack, logits_from_hidden, next_token_nll
+from jaxdefense.models.vocab import DEFAULT_CHUNK, masked_state_ce
 
 ESTIMATORS = ("forward", "central", "exact")
 UNLEARNING = ("logit_lens", "log", "ascent")
@@ -117,32 +126,62 @@ def logit_lens(cfg, params, h):
     return logits_from_hidden(cfg, params, h)
 
 
-def unlearning_loss(cfg, params, batch, kind="logit_lens"):
+def head_params(params: dict) -> dict:
+    """The leaves the vocabulary projection reads: final_norm and embed (tied) or lm_head."""
+    return {k: params[k] for k in ("final_norm", "embed", "lm_head") if k in params}
+
+
+def unlearning_from_state_ce(state_ce, kind="logit_lens"):
+    """L_ul from the masked CE of each hidden state [S] (the last is the model's output).
+
+    "logit_lens": −log(1 + (CE_final + Σ_s CE_s)/S); "log": −log(1 + CE_final); "ascent": −CE_final.
+    """
+    ce = state_ce[-1]
+    if kind == "logit_lens":
+        return -jnp.log1p((ce + jnp.sum(state_ce)) / state_ce.shape[0])
+    return -jnp.log1p(ce) if kind == "log" else -ce
+
+
+def unlearning_loss(cfg, params, batch, kind="logit_lens", *, chunk=DEFAULT_CHUNK):
     """(L_ul, CE_final) on the masked harmful batch; see the module docstring for ``kind``."""
-    if kind != "logit_lens":
-        logits = forward(cfg, params, batch["input_ids"], attention_mask=batch["attention_mask"])
-        return unlearning_from_outputs(cfg, params, batch, logits, None, kind)
-    logits, hidden = forward(
-        cfg, params, batch["input_ids"], attention_mask=batch["attention_mask"], return_hidden=True
-    )
-    return unlearning_from_outputs(cfg, params, batch, logits, hidden, kind)
+    lens = kind == "logit_lens"
+    x, hidden = decoder_stack(cfg, params, batch["input_ids"], batch["attention_mask"], return_hidden=lens)
+    return unlearning_from_outputs(cfg, params, batch, None, hidden if lens else x[None], kind, chunk=chunk)
 
 
-def unlearning_from_outputs(cfg, params, batch, logits, hidden, kind="logit_lens"):
-    """`unlearning_loss` from one forward's logits and hidden states [L+1,B,T,D] (read only by
-    "logit_lens"), for callers that need the same pass's hidden states (RepNoise)."""
+def unlearning_from_outputs(cfg, params, batch, logits, hidden, kind="logit_lens", *, chunk=DEFAULT_CHUNK):
+    """`unlearning_loss` from one forward's outputs, for callers that need the same pass's hidden
+    states (RepNoise).
+
+    Args:
+      logits: [B,T,V] final logits; read only when hidden is None ("log"/"ascent").
+      hidden: [L+1,B,T,D] from ``forward(return_hidden=True)`` (for "log"/"ascent" only
+        hidden[-1] is read); the CEs then project only the masked positions.
+      chunk: positions per row per vocabulary projection (``models.vocab``).
+    Returns:
+      (L_ul, CE_final).
+    """
     mask = batch["loss_mask"]
-    ce = masked_ce(logits, batch["input_ids"], mask)
-    if kind != "logit_lens":
-        return (-ce if kind == "ascent" else -jnp.log1p(ce)), ce
+    if hidden is None:
+        if kind == "logit_lens":
+            raise ValueError("unlearning_from_outputs: kind 'logit_lens' needs the hidden states")
+        ce = masked_ce(logits, batch["input_ids"], mask)
+        return unlearning_from_state_ce(ce[None], kind), ce
+    states = hidden if kind == "logit_lens" else hidden[-1:]
+    state_ce = masked_state_ce(cfg, params, states, batch["input_ids"], mask, chunk=chunk)
+    return unlearning_from_state_ce(state_ce, kind), state_ce[-1]
 
-    @jax.checkpoint
-    def lens_ce(h):
-        return masked_ce(logit_lens(cfg, params, h), batch["input_ids"], mask)
 
-    lens = jax.lax.map(lens_ce, hidden[:-1])
-    mean = (2.0 * ce + jnp.sum(lens)) / hidden.shape[0]
-    return -jnp.log1p(mean), ce
+def _add_head_grads(grads: dict, head_grads: dict) -> dict:
+    return {**grads, **{k: grads[k] + head_grads[k] for k in head_grads}}
+
+
+def _combine(trees, weights):
+    """Σ_i w_i·tree_i accumulated in float32 (or wider), cast to the first tree's dtypes."""
+    def one(*xs):
+        acc = jnp.promote_types(xs[0].dtype, jnp.float32)
+        return sum(w * x.astype(acc) for w, x in zip(weights, xs)).astype(xs[0].dtype)
+    return jax.tree.map(one, *trees)
 
 
 @register_method("seam")
@@ -167,6 +206,7 @@ class SEAM(Objective):
     benign_full_sequence: bool = field(True, doc="g_b over every real token (official) or loss_mask")
     perturb_dtype: str | None = field(None, choices=PERTURB_DTYPES)
     gamma: float = field(0.0, ge=0, doc="weight of a benign CE term γ·ℓ(benign) (not official; 0 = official)")
+    lens_chunk: int = field(DEFAULT_CHUNK, ge=1, doc="target positions per row per vocabulary projection")
 
     def streams(self) -> dict[str, StreamSpec]:
         """Defender half of harmful_qa, the same prompts' refusals (paired), benign instructions."""
@@ -185,55 +225,101 @@ class SEAM(Objective):
     def ce_loss(self, params, batch):
         """Masked token CE ℓ (the attacker's loss): ∇ on the harmful batch is g_a, on benign g_b."""
         cfg = self.require_cfg()
-        logits = forward(cfg, params, batch["input_ids"], attention_mask=batch["attention_mask"])
-        return masked_ce(logits, batch["input_ids"], batch["loss_mask"])
+        x, _ = decoder_stack(cfg, params, batch["input_ids"], batch["attention_mask"])
+        return masked_state_ce(cfg, params, x[None], batch["input_ids"], batch["loss_mask"], chunk=self.lens_chunk)[0]
 
     def primary_loss(self, params, adversarial, alignment, benign=None):
         """L_ul + α·L_up (the official logged loss) [+ γ·ℓ(benign)], aux (L_ul, L_up, CE_final on harmful)."""
-        l_ul, ce_adv = unlearning_loss(self.require_cfg(), params, adversarial, self.unlearning)
+        l_ul, ce_adv = unlearning_loss(self.require_cfg(), params, adversarial, self.unlearning, chunk=self.lens_chunk)
         l_up = self.ce_loss(params, alignment)
         loss = l_ul + self.alpha * l_up
         if self.gamma:
             loss = loss + self.gamma * self.ce_loss(params, benign)
         return loss, (l_ul, l_up, ce_adv)
 
-    def sd_grad(self, params, adversarial, benign):
-        """(cos(g_a, g_b), ∇̂cos, aux) from curvature.cosine_grad with this estimator and ε.
+    def harmful_grads(self, params, adversarial, with_g_a=True):
+        """(L_ul, CE_final, ∇L_ul, g_a or None) from one decoder pass over the harmful batch.
 
-        Finite differences of sub-float32 params (e.g. compute_dtype bfloat16) perturb a float32
-        copy unless perturb_dtype says otherwise: bf16 cannot hold θ + 1e-3·δ.
+        The stack's ``jax.vjp`` is pulled back with ∂L_ul/∂h (and with ∂CE_final/∂h_L for g_a);
+        the vocabulary heads' own gradients are added to those leaves.
         """
-        perturb = None if self.perturb_dtype is None else jnp.dtype(self.perturb_dtype)
+        cfg = self.require_cfg()
+        ids, attn, mask = adversarial["input_ids"], adversarial["attention_mask"], adversarial["loss_mask"]
+        lens = self.unlearning == "logit_lens"
+
+        def stack(p):
+            x, hidden = decoder_stack(cfg, p, ids, attn, return_hidden=lens)
+            return hidden if lens else x[None]
+
+        states, pull_stack = jax.vjp(stack, params)
+        head = head_params(params)
+
+        def ce_final(hd, x_last):
+            return masked_state_ce(cfg, hd, x_last[None], ids, mask, chunk=self.lens_chunk)[0]
+
+        def pull(d_head, d_states):
+            return _add_head_grads(pull_stack(d_states)[0], d_head)
+
+        if lens:
+            def l_ul_fn(hd, st):
+                state_ce = masked_state_ce(cfg, hd, st, ids, mask, chunk=self.lens_chunk)
+                return unlearning_from_state_ce(state_ce, "logit_lens"), state_ce[-1]
+
+            (l_ul, ce), (d_head, d_states) = jax.value_and_grad(l_ul_fn, argnums=(0, 1), has_aux=True)(head, states)
+            g_ul = pull(d_head, d_states)
+            if not with_g_a:
+                return l_ul, ce, g_ul, None
+            d_head_a, d_last = jax.grad(ce_final, argnums=(0, 1))(head, states[-1])
+            return l_ul, ce, g_ul, pull(d_head_a, jnp.zeros_like(states).at[-1].set(d_last))
+        ce, (d_head_a, d_last) = jax.value_and_grad(ce_final, argnums=(0, 1))(head, states[-1])
+        g_a = pull(d_head_a, d_last[None])
+        l_ul, slope = jax.value_and_grad(lambda c: unlearning_from_state_ce(c[None], self.unlearning))(ce)
+        return l_ul, ce, _combine([g_a], [slope]), g_a if with_g_a else None
+
+    def perturb_dtype_for(self, params):
+        """The dtype finite differences perturb in: perturb_dtype, else float32 for sub-float32
+        params (bf16 cannot hold θ + 1e-3·δ), else None (the params' own)."""
+        if self.perturb_dtype is not None:
+            return jnp.dtype(self.perturb_dtype)
         low = any(jnp.finfo(x.dtype).bits < 32 for x in jax.tree.leaves(params)
                   if jnp.issubdtype(x.dtype, jnp.floating))
-        if perturb is None and low and self.estimator != "exact":
-            perturb = jnp.dtype(jnp.float32)
+        return jnp.dtype(jnp.float32) if low and self.estimator != "exact" else None
+
+    def sd_grad(self, params, adversarial, benign, at=None):
+        """(cos(g_a, g_b), ∇̂cos, aux) from curvature.cosine_grad with this estimator and ε.
+
+        at: ((ℓ_adv, g_a), (ℓ_ben, g_b)) already computed at params (see `cosine_grad`).
+        """
         return cosine_grad(
             self.ce_loss, adversarial, self.ce_loss, benign, params,
-            estimator=self.estimator, eps=self.eps, perturb_dtype=perturb,
+            estimator=self.estimator, eps=self.eps, perturb_dtype=self.perturb_dtype_for(params), at=at,
         )
 
     def grad(self, params, batches, key=None, frozen=None):
-        """grads = ∇(L_ul + α·L_up) + β·∇̂L_sd; metrics l_ul, l_up, cos, gradient norms."""
+        """grads = ∇(L_ul + α·L_up [+ γ·ℓ_ben]) + β·∇̂L_sd; metrics l_ul, l_up, cos, gradient norms."""
         del key, frozen
         adversarial, alignment, benign = self.masked_batches(batches)
-        (loss, (l_ul, l_up, _)), g_primary = jax.value_and_grad(self.primary_loss, has_aux=True)(
-            params, adversarial, alignment, benign
-        )
+        share = self.beta == 0 or (self.estimator != "exact" and self.perturb_dtype_for(params) is None)
+        l_ul, ce_a, g_ul, g_a = self.harmful_grads(params, adversarial, with_g_a=share)
+        l_up, g_up = jax.value_and_grad(self.ce_loss)(params, alignment)
+        if share or self.gamma:
+            ce_b, g_b = jax.value_and_grad(self.ce_loss)(params, benign)
+        loss = l_ul + self.alpha * l_up
+        if self.gamma:
+            loss = loss + self.gamma * ce_b
+            g_primary = _combine([g_ul, g_up, g_b], [1.0, self.alpha, self.gamma])
+        else:
+            g_primary = _combine([g_ul, g_up], [1.0, self.alpha])
         metrics = {"loss": loss, "l_ul": l_ul, "l_up": l_up, "grad_norm_primary": tree_norm(g_primary)}
         if self.beta == 0:
-            ce_a, g_a = jax.value_and_grad(self.ce_loss)(params, adversarial)
-            ce_b, g_b = jax.value_and_grad(self.ce_loss)(params, benign)
             norm_a, norm_b = tree_norm(g_a), tree_norm(g_b)
             cos = tree_vdot(g_a, g_b) / (norm_a * norm_b)
             grads, norm_sd = g_primary, jnp.zeros(())
         else:
-            cos, g_sd, aux = self.sd_grad(params, adversarial, benign)
+            cos, g_sd, aux = self.sd_grad(params, adversarial, benign,
+                                          at=((ce_a, g_a), (ce_b, g_b)) if share else None)
             norm_a, norm_b, ce_a, ce_b = aux["norm_a"], aux["norm_b"], aux["loss_a"], aux["loss_b"]
-            grads = jax.tree.map(
-                lambda x, y: (x.astype(jnp.float32) + self.beta * y.astype(jnp.float32)).astype(x.dtype),
-                g_primary, g_sd,
-            )
+            grads = _combine([g_primary, g_sd], [1.0, self.beta])
             norm_sd = tree_norm(g_sd)
         metrics.update(cos=cos, grad_norm_a=norm_a, grad_norm_b=norm_b, grad_norm_sd=norm_sd,
                        ce_attack=ce_a, ce_benign=ce_b, grad_norm=tree_norm(grads))

@@ -15,7 +15,7 @@ from seam_synthetic import StreamView
 from jaxdefense.curvature import tree_norm, tree_vdot
 from jaxdefense.errors import DataError
 from jaxdefense.methods import SEAM, get_method
-from jaxdefense.methods.seam import seam_loss_masks, unlearning_loss
+from jaxdefense.methods.seam import logit_lens, masked_ce, seam_loss_masks, unlearning_from_outputs, unlearning_loss
 from jaxdefense.models import forward, named_config
 
 CFG = named_config("tiny")
@@ -94,6 +94,54 @@ def test_unlearning_loss_is_the_official_logit_lens_form(params, data):
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
     np.testing.assert_allclose(float(losses["log"][0]), -np.log1p(ce_final), rtol=1e-5)
     np.testing.assert_allclose(float(losses["ascent"][0]), -ce_final, rtol=1e-5)
+
+
+def _full_projection_lens(p, b):
+    """L_ul with every position of every hidden state projected through the vocabulary."""
+    logits, hidden = forward(CFG, p, b["input_ids"], attention_mask=b["attention_mask"], return_hidden=True)
+    ce = masked_ce(logits, b["input_ids"], b["loss_mask"])
+    lens = [masked_ce(logit_lens(CFG, p, h), b["input_ids"], b["loss_mask"]) for h in hidden[:-1]]
+    return -jnp.log1p((2.0 * ce + sum(lens)) / hidden.shape[0]), ce
+
+
+@pytest.mark.parametrize("chunk", [3, 32])
+def test_masked_position_logit_lens_equals_the_full_projection(params, data, chunk):
+    """Value and gradient; rows with 0, 1, few and many targets (chunk 3: skipped and padded chunks)."""
+    batch = {k: jnp.asarray(v) for k, v in data.batches(0)["adversarial"].items()}
+    mask = np.asarray(batch["loss_mask"], np.float32).copy()
+    mask[0] = 0.0
+    mask[1, :] = 0.0
+    mask[1, 20] = 1.0
+    mask[2, :25] = 0.0
+    mask[3] *= 0.5  # fractional weights
+    batch["loss_mask"] = jnp.asarray(mask)
+    assert mask.sum(1).max() > chunk or chunk == 32
+
+    def compact(p, b):
+        _, hidden = forward(CFG, p, b["input_ids"], attention_mask=b["attention_mask"], return_hidden=True)
+        return unlearning_from_outputs(CFG, p, b, None, hidden, chunk=chunk)
+
+    (got, ce_got), g_got = jax.jit(jax.value_and_grad(compact, has_aux=True))(params, batch)
+    (ref, ce_ref), g_ref = jax.jit(jax.value_and_grad(_full_projection_lens, has_aux=True))(params, batch)
+    np.testing.assert_allclose(float(ce_got), float(ce_ref), rtol=2e-6)
+    np.testing.assert_allclose(float(got), float(ref), rtol=2e-6)
+    err = float(tree_norm(jax.tree.map(jnp.subtract, g_got, g_ref)) / tree_norm(g_ref))
+    assert err < 1e-5, err
+
+
+@pytest.mark.parametrize("unlearning", ["logit_lens", "ascent"])
+def test_one_harmful_pass_gives_the_gradients_of_l_ul_and_of_the_attack_ce(params, data, unlearning):
+    m = SEAM(cfg=CFG, unlearning=unlearning, lens_chunk=5)
+    adv, _, _ = m.masked_batches({k: {f: jnp.asarray(x) for f, x in v.items()} for k, v in data.batches(0).items()})
+    l_ul, ce, g_ul, g_a = jax.jit(m.harmful_grads)(params, adv)
+    ref_ul, ref_ce = unlearning_loss(CFG, params, adv, unlearning)
+    ref_g_ul = jax.grad(lambda p: unlearning_loss(CFG, p, adv, unlearning)[0])(params)
+    ref_g_a = jax.grad(lambda p: masked_ce(forward(CFG, p, adv["input_ids"], attention_mask=adv["attention_mask"]),
+                                           adv["input_ids"], adv["loss_mask"]))(params)
+    np.testing.assert_allclose([float(l_ul), float(ce)], [float(ref_ul), float(ref_ce)], rtol=2e-6)
+    for got, ref in ((g_ul, ref_g_ul), (g_a, ref_g_a)):
+        err = float(tree_norm(jax.tree.map(jnp.subtract, got, ref)) / tree_norm(ref))
+        assert err < 1e-5, err
 
 
 def test_three_estimators_give_the_same_update(params, data):
