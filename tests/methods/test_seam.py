@@ -104,10 +104,11 @@ def _full_projection_lens(p, b):
     return -jnp.log1p((2.0 * ce + sum(lens)) / hidden.shape[0]), ce
 
 
-@pytest.mark.parametrize("chunk", [3, 32])
-def test_masked_position_logit_lens_equals_the_full_projection(params, data, chunk):
-    """Value and gradient; rows with 0, 1, few and many targets (chunk 3: skipped and padded chunks)."""
-    batch = {k: jnp.asarray(v) for k, v in data.batches(0)["adversarial"].items()}
+def test_masked_position_logit_lens_equals_the_full_projection(params, data):
+    """Value and gradient; rows with 0, 1, few and many targets; 3 positions per projection, so
+    chunks are skipped (no target) and the last one is padded (T = 32)."""
+    chunk = 3
+    batch = {k: jnp.asarray(v)[:4] for k, v in data.batches(0)["adversarial"].items()}
     mask = np.asarray(batch["loss_mask"], np.float32).copy()
     mask[0] = 0.0
     mask[1, :] = 0.0
@@ -115,7 +116,7 @@ def test_masked_position_logit_lens_equals_the_full_projection(params, data, chu
     mask[2, :25] = 0.0
     mask[3] *= 0.5  # fractional weights
     batch["loss_mask"] = jnp.asarray(mask)
-    assert mask.sum(1).max() > chunk or chunk == 32
+    assert (mask[3] > 0).sum() > 3 * chunk and mask[2].sum() > 0
 
     def compact(p, b):
         _, hidden = forward(CFG, p, b["input_ids"], attention_mask=b["attention_mask"], return_hidden=True)
@@ -127,21 +128,6 @@ def test_masked_position_logit_lens_equals_the_full_projection(params, data, chu
     np.testing.assert_allclose(float(got), float(ref), rtol=2e-6)
     err = float(tree_norm(jax.tree.map(jnp.subtract, g_got, g_ref)) / tree_norm(g_ref))
     assert err < 1e-5, err
-
-
-@pytest.mark.parametrize("unlearning", ["logit_lens", "ascent"])
-def test_one_harmful_pass_gives_the_gradients_of_l_ul_and_of_the_attack_ce(params, data, unlearning):
-    m = SEAM(cfg=CFG, unlearning=unlearning, lens_chunk=5)
-    adv, _, _ = m.masked_batches({k: {f: jnp.asarray(x) for f, x in v.items()} for k, v in data.batches(0).items()})
-    l_ul, ce, g_ul, g_a = jax.jit(m.harmful_grads)(params, adv)
-    ref_ul, ref_ce = unlearning_loss(CFG, params, adv, unlearning)
-    ref_g_ul = jax.grad(lambda p: unlearning_loss(CFG, p, adv, unlearning)[0])(params)
-    ref_g_a = jax.grad(lambda p: masked_ce(forward(CFG, p, adv["input_ids"], attention_mask=adv["attention_mask"]),
-                                           adv["input_ids"], adv["loss_mask"]))(params)
-    np.testing.assert_allclose([float(l_ul), float(ce)], [float(ref_ul), float(ref_ce)], rtol=2e-6)
-    for got, ref in ((g_ul, ref_g_ul), (g_a, ref_g_a)):
-        err = float(tree_norm(jax.tree.map(jnp.subtract, got, ref)) / tree_norm(ref))
-        assert err < 1e-5, err
 
 
 def test_three_estimators_give_the_same_update(params, data):
