@@ -13,7 +13,8 @@ from jaxdefense import cli
 from jaxdefense.base_model import ASSET_DIR
 from jaxdefense.data import data_root_available
 from jaxdefense.errors import ConfigError
-from jaxdefense.demo import ROW_FIELDS, early_rise, load_demo_config, plan, total_units, verdicts
+from jaxdefense.demo import (ROW_FIELDS, early_rise, load_demo_config, plan, report_markdown, rl_curves_of,
+                             rl_markdown, total_units, verdicts)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -161,3 +162,52 @@ def test_demo_bad_arguments_exit_2_with_one_line(argv, capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_verdicts_of_a_demo_without_sft_attacks_are_undetermined():
+    """The RL demo runs harmful GRPO only: no harmful-SFT lr and no benign SFT → None, not a vacuous yes."""
+    rows = [{"defence": d, "attack": a, "lr": None if a == "none" else 2e-4, "benign_nll": 3.0}
+            for d in ("none", "tokenbuncher") for a in ("none", "harmful_grpo")]
+    v = verdicts(rows, {}, [], "tokenbuncher")
+    assert v["self_destructs"] is None and v["early_self_destructs"] is None
+    assert v["benign_ok"] is None and v["benign_nll_ok"] is None and "no benign SFT" in v["benign_undetermined_because"]
+    md_line = report_markdown({"verdict": v, "verdicts": {"tokenbuncher": v}, "rows": rows, "curves": {},
+                               "geometry": {"cos_before": 0.1, "cos_after": -0.2, "cos_after_by_defence": {}},
+                               "base": {"path": "b"}, "wall_time_s": 1.0, "quick": True, "plots": [],
+                               "samples": [], "run_dirs": []})
+    assert "tokenbuncher: undetermined / undetermined / undetermined / undetermined" in md_line
+
+
+def test_rl_curves_keep_the_rollout_metrics_per_step_and_reach_the_report():
+    history = [{"step": s, "loss": 1.0, "harmful_rate": 0.1 * s, "entropy": 3.0 - 0.5 * s, "reward_mean": 0.2,
+                "refusal_rate": 1.0 - 0.25 * s} for s in range(4)]
+    curve = rl_curves_of(history)
+    assert [c["step"] for c in curve] == [0, 1, 2, 3] and "loss" not in curve[0]
+    assert curve[3]["harmful_rate"] == pytest.approx(0.3) and curve[2]["entropy"] == pytest.approx(2.0)
+    assert rl_curves_of([{"step": 0, "loss": 2.0}]) is None  # an SFT attack has no rollouts
+    rows = [{"defence": "none", "attack": "none", "lr": None, "entropy": 1.25},
+            {"defence": "tokenbuncher", "attack": "none", "lr": None, "entropy": 0.5}]
+    md = "\n".join(rl_markdown({"rl_curves": {"none|harmful_grpo|0.0002": curve}, "rows": rows}))
+    assert "| undefended harmful_grpo lr=0.0002 | 0.000 | 0.100 | 0.200 | 0.300 |" in md
+    assert "undefended 1.250, tokenbuncher 0.500" in md
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not data_root_available(), reason="no data root")
+@pytest.mark.skipif(not (ASSET_DIR / "config.json").exists(), reason="jaxdefense/assets/base not built")
+def test_demo_rl_quick_end_to_end(tmp_path):
+    """The RL rows: undefended vs SEAM vs TokenBuncher under harmful GRPO, one fresh process."""
+    out = tmp_path / "demo_rl"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, "-m", "jaxdefense.cli", "demo", "--quick", "--out", str(out), "--config",
+                           str(REPO / "jaxdefense" / "configs" / "demo_rl.yaml")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["rl_curves"]) == {f"{d}|harmful_grpo|0.0002" for d in ("none", "seam", "tokenbuncher")}
+    for curve in report["rl_curves"].values():
+        assert [c["step"] for c in curve] == [0, 1]
+        assert all(0 <= c["harmful_rate"] <= 1 and c["entropy"] > 0 for c in curve)
+    assert all(r["entropy"] > 0 for r in report["rows"])
+    assert "rl_curves.png" in report["plots"] and (out / "rl_curves.png").stat().st_size > 1000
+    assert "## RL attack" in (out / "report.md").read_text()
