@@ -23,11 +23,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdefense.allocator import jemalloc_loaded
 from jaxdefense.jsonutil import to_jsonable
 
 
 def parse_args(description: str, argv=None, extra: Callable[[argparse.ArgumentParser], None] | None = None):
-    """--quick and --out DIR (created), plus anything `extra` adds."""
+    """--quick and --out DIR (created), plus anything `extra` adds. A real run (argv None) first
+    re-executes under jemalloc when it is installed (`jaxdefense.allocator`; JAXDEFENSE_JEMALLOC=0: off)."""
+    if argv is None:
+        from jaxdefense.allocator import preload_jemalloc
+
+        preload_jemalloc()
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="tiny config only, < 2 min on 2 CPU cores")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
@@ -75,6 +81,7 @@ def machine_info() -> dict:
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+        "jemalloc": jemalloc_loaded(),
         **{k: v for k, v in versions().items() if k != "python"},
     }
 

@@ -106,6 +106,10 @@ def measure(name: str, steps: int) -> dict:
 
 
 def main(argv=None) -> int:
+    if argv is None:
+        from jaxdefense.allocator import preload_jemalloc
+
+        preload_jemalloc()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--quick", action="store_true", help="tiny config, 4 steps")

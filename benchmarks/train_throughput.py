@@ -9,7 +9,9 @@ non-finite flags, grad norm — jitted with donated params/opt state, and report
 
     tokens/s = batch · seq_len / median(step time)   (after warm-up)
 
-plus `value_and_grad` alone for reference. `--sweep` re-runs the small config in child
+plus `value_and_grad` alone for reference. `--allocators` times the small step under glibc
+malloc and under jemalloc (when installed; `jaxdefense.allocator`) in alternating fresh
+processes. `--sweep` re-runs the small config in child
 processes under XLA_FLAGS variants (flags must be set before jax starts) and reports each
 as a ratio to the default flags measured in the same run.
 
@@ -162,11 +164,54 @@ def sweep(repeats: int) -> dict:
     return results
 
 
+def _child(configs: str, repeats: int, env: dict) -> list[dict]:
+    cmd = [sys.executable, "-m", "benchmarks.train_throughput", "--child", "--configs", configs, "--repeats", str(repeats)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError((proc.stderr.strip().splitlines() or ["?"])[-1][:300])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def allocators(repeats: int, rounds: int = 2) -> dict:
+    """The small-config step in fresh processes under glibc malloc and under jemalloc
+    (`jaxdefense.allocator`), alternating for `rounds` rounds; medians over rounds and the ratio."""
+    import statistics
+
+    from jaxdefense.allocator import ENV, MARKER, jemalloc_path
+
+    lib = jemalloc_path({k: v for k, v in os.environ.items() if k != "LD_PRELOAD"})
+    if lib is None:
+        return {"error": "jemalloc is not installed (Debian/Ubuntu libjemalloc2, or JAXDEFENSE_JEMALLOC=PATH)"}
+    clean = {k: v for k, v in os.environ.items() if k not in (MARKER, "LD_PRELOAD")}
+    variants = {"glibc": {**clean, ENV: "0"}, "jemalloc": {**clean, ENV: lib}}
+    runs = {label: [] for label in variants}
+    for _ in range(rounds):
+        for label, env in variants.items():
+            runs[label].append({r["compute_dtype"]: r for r in _child("small", repeats, env)})
+    out = {"library": lib, "rounds": rounds}
+    for label, rows in runs.items():
+        out[label] = {dt: {k: statistics.median(r[dt][k] for r in rows) for k in ("step_ms", "step_cpu_ms", "tokens_per_s")}
+                      for dt in rows[0]}
+    out["speedup"] = {dt: {"wall": out["glibc"][dt]["step_ms"] / out["jemalloc"][dt]["step_ms"],
+                           "cpu": out["glibc"][dt]["step_cpu_ms"] / out["jemalloc"][dt]["step_cpu_ms"]}
+                      for dt in out["glibc"]}
+    for dt, sp in out["speedup"].items():
+        print(f"  allocator {dt}: glibc {out['glibc'][dt]['step_ms']:.1f} ms, jemalloc {out['jemalloc'][dt]['step_ms']:.1f} ms "
+              f"(wall ×{sp['wall']:.2f}, cpu ×{sp['cpu']:.2f})", file=sys.stderr, flush=True)
+    return out
+
+
 def main(argv=None) -> int:
+    if argv is None:
+        from jaxdefense.allocator import preload_jemalloc
+
+        preload_jemalloc()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--quick", action="store_true", help="fewer repeats, no sweep (< 2 min)")
     parser.add_argument("--sweep", action="store_true", help="also time XLA_FLAGS variants")
+    parser.add_argument("--allocators", action="store_true",
+                        help="also time glibc malloc vs jemalloc (fresh processes, same run)")
     parser.add_argument("--configs", default="tiny,small")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -196,6 +241,8 @@ def main(argv=None) -> int:
         result["small_meets_goal"] = {k: v >= BASELINES_TOK_S["goal"] for k, v in small.items()}
     if args.sweep and not args.quick:
         result["xla_flags_sweep"] = sweep(max(5, repeats // 2))
+    if args.allocators:
+        result["allocators"] = allocators(max(5, repeats // 2))
     from benchmarks._common import write_json
 
     out = Path(args.out)

@@ -97,8 +97,15 @@ def _selected(argv: Sequence[str]) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI; as the process entry (argv None) it first re-executes under jemalloc when installed
+    (`jaxdefense.allocator`)."""
+    entry = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if entry:
+            from jaxdefense.allocator import preload_jemalloc
+
+            preload_jemalloc()
         parser, runners = build_parser(_selected(argv))
         args = parser.parse_args(argv)
         if args.command is None:
