@@ -30,6 +30,17 @@ Two reserved keys connect `grad` to the loop (`train.loop.make_step`):
                          to each grad leaf: where False, the parameter and its optimiser state
                          stay bit-identical through the step (T-Vaccine's frozen layers). It is
                          consumed by the loop, not logged.
+
+Two more connect `collect` to the loop (only for objectives that collect):
+    batches[STATIC]      a `Static(value)` that `collect` may add: a leafless pytree node whose
+                         hashable value is part of the batches' tree structure, so `jax.jit`
+                         compiles one step per distinct value (cached) and `grad` reads
+                         `batches[STATIC].value` as a Python value (T-Vaccine's layer set).
+    batches[CARRY]       host state (JSON-able plain data, None at the first step) that
+                         `collect` reads and returns updated; the loop hands it to the next
+                         step's `collect` and saves it with each checkpoint, so a resumed run
+                         sees the same state (T-Vaccine's probabilities and layer set). The
+                         loop does not pass it to the jitted step.
 """
 
 from __future__ import annotations
@@ -46,6 +57,16 @@ from jaxdefense.errors import ConfigError, DataError
 BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask")
 STEP = "_step"
 UPDATE_MASK = "_update_mask"
+STATIC = "_static"
+CARRY = "_carry"
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class Static:
+    """A hashable Python value carried in a pytree as structure, not as a leaf (`batches[STATIC]`)."""
+
+    value: Any
 
 
 def concat_rows(a: dict, b: dict, names: tuple[str, str] = ("a", "b")) -> dict:

@@ -33,7 +33,7 @@ import numpy as np
 import optax
 
 from jaxdefense.errors import CheckpointError, ConfigError, NonFiniteError
-from jaxdefense.objective import STEP, UPDATE_MASK
+from jaxdefense.objective import CARRY, STEP, UPDATE_MASK
 from jaxdefense.train import sharding as shd
 from jaxdefense.train.checkpoint import CHECKPOINT_SUBDIR, Checkpointer, abstract_tree
 from jaxdefense.train.metrics import MetricsLog, progress_bar, to_json_value
@@ -199,7 +199,7 @@ def _host_batches(streams: Mapping[str, Stream], step: int) -> dict[str, dict]:
 
 
 def _tokens(batches: Mapping[str, Mapping[str, Any]]) -> int:
-    return int(sum(np.size(b["input_ids"]) for b in batches.values() if "input_ids" in b))
+    return int(sum(np.size(b["input_ids"]) for b in batches.values() if isinstance(b, Mapping) and "input_ids" in b))
 
 
 def _device_batches(batches, sharding):
@@ -254,7 +254,11 @@ def train(
     (`Objective.collect`, e.g. RL rollouts): it sees the params after i steps, the step's
     batches with batches[STEP] = i, the step's key fold_in(key(seed), i) and frozen, and returns
     the batches the jitted step gets (new fixed-shape row arrays may be added); it must be a
-    pure function of its inputs so a resumed run stays bit-identical.
+    pure function of its inputs so a resumed run stays bit-identical. It also reads
+    batches[CARRY] (its own host state from the previous step, None at the first) and returns
+    it updated: the loop saves it with each checkpoint and restores it on resume. A
+    batches[STATIC] (`objective.Static`) it returns reaches the jitted step as tree structure:
+    one compiled step per distinct value.
     Returns TrainResult(params, opt_state, step=completed steps, metrics=last logged, history).
     """
     if steps < 0:
@@ -304,6 +308,7 @@ def train(
                 )
             start = int(meta["step"])
     log = MetricsLog(run_dir, start, enabled=is_main)
+    carry = meta.get("collect_carry")
 
     dtype = _canonical_dtype(compute_dtype)
     step_fn = _cached_jit(
@@ -331,7 +336,7 @@ def train(
             callback(start, params)
         for i in range(start, steps):
             if collect is not None:
-                host = _collected(collect, params, host, base_key, i, frozen)
+                host, carry = _collected(collect, params, host, base_key, i, frozen, carry)
             batches = _device_batches(host, b_shard)
             tokens_since += _tokens(host)
             params, opt_state, metrics, ok, finite = step_fn(
@@ -366,6 +371,7 @@ def train(
                         "seed": seed,
                         "data_position": {name: i + 1 for name in streams},
                         "metrics": last,
+                        **({"collect_carry": carry} if collect is not None else {}),
                     },
                 )
             if callback is not None and (i + 1 == steps or (callback_every > 0 and (i + 1) % callback_every == 0)):
@@ -387,11 +393,14 @@ def train(
     return TrainResult(params, opt_state, max(start, steps), last, history)
 
 
-def _collected(collect, params, host, base_key, step: int, frozen) -> dict:
-    """The step's host batches after `collect` (STEP given to it, removed from what it returns)."""
-    out = dict(collect(params, {**host, STEP: np.int32(step)}, jax.random.fold_in(base_key, step), frozen))
+def _collected(collect, params, host, base_key, step: int, frozen, carry) -> tuple[dict, Any]:
+    """(the step's host batches after `collect`, its new carry): STEP and CARRY given to it and
+    removed from what it returns (a STATIC it adds stays)."""
+    out = dict(collect(params, {**host, STEP: np.int32(step), CARRY: carry}, jax.random.fold_in(base_key, step),
+                       frozen))
     out.pop(STEP, None)
-    return out
+    carry = out.pop(CARRY, None)
+    return out, carry
 
 
 def _fresh_copy(params, shardings):
