@@ -1,8 +1,9 @@
 """GGUF (llama.cpp) checkpoints: metadata → ModelConfig, dequantised tensors → params, tokenizer.
 
-`load_gguf(path, dtype)` reads the file once with the `gguf` package (no torch), dequantises every
-tensor to float32 on the host (`gguf.dequantize`: Q4_0/1, Q8_0, K-quants, F16, ...) and casts to
-`dtype`. A dequantised GGUF tensor has the HF tensor's shape (ggml lists dims innermost first), so
+`load_gguf(path, dtype)` parses the file's header itself (`read_gguf_tensors`: key-value metadata
+and tensor infos over one memmap; `gguf.GGUFReader` builds a numpy view per metadata element,
+seconds for a 49k-token vocabulary), dequantises every tensor to float32 on the host with the
+`gguf` package (`gguf.dequantize`: Q4_0/1, Q8_0, K-quants, F16, ...; no torch) and casts to `dtype`. A dequantised GGUF tensor has the HF tensor's shape (ggml lists dims innermost first), so
 the names and transposes come from `layout.WEIGHTS` (`Weight.gguf`, `Weight.transpose`).
 
 llama.cpp's converter permutes the rows of q_proj and k_proj for the "llama" architecture, so
@@ -16,14 +17,18 @@ not implement (RoPE scaling, sliding window, experts, ...), a missing, unexpecte
 3.1's `rope_freqs.weight`) or mis-shaped tensor raise CheckpointError naming it.
 `general.*`, `tokenizer.*` and `quantize.*` metadata change nothing in the forward pass.
 
-The tokenizer (tokenizer.ggml.* and tokenizer.chat_template) is built by transformers'
-own GGUF conversion, offline: a PreTrainedTokenizerFast with the file's chat template. That
-conversion imports torch (transformers.modeling_gguf_pytorch_utils); the weights do not need it.
+The tokenizer (tokenizer.ggml.* and tokenizer.chat_template) needs no torch either:
+`read_gguf_metadata` parses only the file's key-value header (no tensor views) and
+`models.tokenizer.tokenizer_from_gguf` builds a byte-level BPE ("gpt2": SmolLM2, Llama 3, Qwen)
+with the `tokenizers` library. Other tokenizer models (sentencepiece "llama", "t5", ...) go
+through transformers' own GGUF conversion, whose reader imports torch.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import mmap
+import struct
 from pathlib import Path
 
 import jax
@@ -48,28 +53,119 @@ _TOKEN_IDS = {"bos_token_id": "tokenizer.ggml.bos_token_id", "eos_token_id": "to
               "pad_token_id": "tokenizer.ggml.padding_token_id"}
 
 
-def _reader(path: Path):
-    try:
-        import gguf
-    except ImportError as err:
-        raise CheckpointError(f"{path}: reading GGUF needs the gguf package: pip install gguf "
-                              "(or pip install 'jaxdefense[smollm2]')") from err
+# GGUF value types (gguf.GGUFValueType): id → struct format of a scalar; 8 string, 9 array.
+_SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+
+
+def read_gguf_metadata(path) -> dict:
+    """Every key-value pair of a GGUF file's header (v2/v3, little-endian), tensors untouched.
+
+    Values are Python ints/floats/bools/strs, arrays are lists. Unlike `gguf.GGUFReader`, no
+    per-element numpy views are built, so the 49k-entry token and merge lists parse in well under a second.
+    """
+    path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: GGUF file does not exist")
-    try:
-        return gguf.GGUFReader(str(path))
-    except (ValueError, OSError, KeyError, IndexError) as err:
-        raise CheckpointError(f"{path}: unreadable GGUF file ({err})") from err
+    if path.stat().st_size < 24:
+        raise CheckpointError(f"{path}: not a GGUF file ({path.stat().st_size} bytes)")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        return _parse_header(data, path)[0]
 
 
-def _metadata(reader) -> dict:
-    out = {}
-    for key, field in reader.fields.items():
-        if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
-                   "tokenizer.ggml.scores"):
-            continue  # large arrays, read by the tokenizer conversion
-        out[key] = field.contents()
-    return out
+def read_gguf_tensors(path) -> tuple[dict, dict]:
+    """(metadata, {name: (GGML type id, HF-order shape, raw uint8 array)}) of a GGUF file.
+
+    The raw arrays are views of one read-only memmap, shaped as `gguf.dequantize` takes them
+    (rows of bytes: `gguf.quants.quant_shape_to_byte_shape`).
+    """
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: GGUF file does not exist")
+    if path.stat().st_size < 24:
+        raise CheckpointError(f"{path}: not a GGUF file ({path.stat().st_size} bytes)")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        meta, infos, start = _parse_header(data, path, tensors=True)
+    raw = np.memmap(path, np.uint8, mode="r")
+    tensors = {}
+    for name, dims, kind, offset in infos:
+        try:
+            qtype = GGMLQuantizationType(kind)
+            block, size = GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"{path}: tensor {name}: unknown GGML type {kind}") from err
+        shape = tuple(reversed(dims))  # ggml lists dims innermost first
+        if name in tensors:
+            raise CheckpointError(f"{path}: tensor {name} appears twice")
+        if shape and shape[-1] % block:
+            raise CheckpointError(f"{path}: tensor {name}: row size {shape[-1]} is not a multiple of the "
+                                  f"{qtype.name} block size {block}")
+        row_bytes = (shape[-1] // block * size) if shape else size
+        n_bytes = int(np.prod(shape[:-1], dtype=np.int64)) * row_bytes
+        begin = start + offset
+        if begin + n_bytes > raw.size:
+            raise CheckpointError(f"{path}: tensor {name} runs past the end of the file")
+        tensors[name] = (kind, shape, raw[begin:begin + n_bytes].reshape(*shape[:-1], row_bytes))
+    return meta, tensors
+
+
+def _parse_header(data, path: Path, tensors: bool = False):
+    """(metadata, end offset) of the key-value header; with tensors, (metadata, tensor infos
+    [(name, dims, type, offset)], absolute start of the tensor data)."""
+    if len(data) < 24 or data[:4] != b"GGUF":
+        raise CheckpointError(f"{path}: not a GGUF file (magic {bytes(data[:4])!r})")
+    version, n_tensors, n_kv = struct.unpack_from("<IQQ", data, 4)
+    if version not in (2, 3):
+        raise CheckpointError(f"{path}: GGUF version {version} is not supported (2, 3; big-endian files are not)")
+    pos = 24
+
+    def take(fmt: str):
+        nonlocal pos
+        size = struct.calcsize(fmt)
+        if pos + size > len(data):
+            raise CheckpointError(f"{path}: truncated GGUF header")
+        out = struct.unpack_from(fmt, data, pos)
+        pos += size
+        return out
+
+    def string() -> str:
+        nonlocal pos
+        (n,) = take("<Q")
+        if pos + n > len(data):
+            raise CheckpointError(f"{path}: truncated GGUF header")
+        pos += n
+        return data[pos - n:pos].decode("utf-8", errors="replace")
+
+    def value(kind: int):
+        if kind == _STRING:
+            return string()
+        if kind == _ARRAY:
+            item, n = take("<IQ")
+            if item in _SCALAR_FORMATS:
+                return list(take(f"<{n}{_SCALAR_FORMATS[item]}"))
+            return [value(item) for _ in range(n)]
+        if kind not in _SCALAR_FORMATS:
+            raise CheckpointError(f"{path}: GGUF metadata value type {kind} is unknown")
+        return take("<" + _SCALAR_FORMATS[kind])[0]
+
+    meta = {}
+    for _ in range(n_kv):
+        key = string()
+        (kind,) = take("<I")
+        meta[key] = value(kind)
+    if not tensors:
+        return meta, pos
+    infos = []
+    for _ in range(n_tensors):
+        name = string()
+        (n_dims,) = take("<I")
+        dims = take(f"<{n_dims}Q")
+        kind, offset = take("<IQ")
+        infos.append((name, tuple(int(d) for d in dims), int(kind), int(offset)))
+    align = int(meta.get("general.alignment", 32))
+    return meta, infos, -(-pos // align) * align
 
 
 def config_from_gguf(meta: dict, tensor_shapes: dict[str, tuple], path="GGUF") -> ModelConfig:
@@ -126,13 +222,16 @@ def unpermute_rope_rows(weight: np.ndarray, heads: int) -> np.ndarray:
 
 def load_gguf(path, dtype=jnp.float32) -> tuple[ModelConfig, dict]:
     """(cfg, params) from a GGUF file, every tensor dequantised through `gguf` and cast to `dtype`."""
-    import gguf
+    try:
+        import gguf
+    except ImportError as err:
+        raise CheckpointError(f"{path}: reading GGUF needs the gguf package: pip install gguf "
+                              "(or pip install 'jaxdefense[smollm2]')") from err
 
     path = Path(path)
-    reader = _reader(path)
-    tensors = {t.name: t for t in reader.tensors}
-    shapes = {name: tuple(int(d) for d in reversed(t.shape)) for name, t in tensors.items()}
-    cfg = config_from_gguf(_metadata(reader), shapes, path)
+    meta, tensors = read_gguf_tensors(path)
+    shapes = {name: shape for name, (_, shape, _) in tensors.items()}
+    cfg = config_from_gguf(meta, shapes, path)
     expected = gguf_tensor_map(cfg)
     missing = sorted(set(expected) - set(tensors))
     if missing:
@@ -148,11 +247,12 @@ def load_gguf(path, dtype=jnp.float32) -> tuple[ModelConfig, dict]:
     np_dtype = np.dtype(jnp.dtype(dtype))
     host = {"layers": {n: np.empty(s, np_dtype) for n, s in param_shapes(cfg)["layers"].items()}}
     for key, (name, layer, transpose, want) in expected.items():
-        t = tensors[key]
+        kind, _, raw = tensors[key]
+        qtype = gguf.GGMLQuantizationType(kind)
         try:
-            value = np.asarray(gguf.dequantize(t.data, t.tensor_type), np.float32).reshape(want)
+            value = np.asarray(gguf.dequantize(raw, qtype), np.float32).reshape(want)
         except (NotImplementedError, ValueError) as err:
-            raise CheckpointError(f"{path}: tensor {key}: cannot dequantise {t.tensor_type.name} ({err})") from err
+            raise CheckpointError(f"{path}: tensor {key}: cannot dequantise {qtype.name} ({err})") from err
         if name in permuted:
             value = unpermute_rope_rows(value, getattr(cfg, permuted[name]))
         value = value.T if transpose else value
@@ -164,14 +264,22 @@ def load_gguf(path, dtype=jnp.float32) -> tuple[ModelConfig, dict]:
 
 
 def load_gguf_tokenizer(path):
-    """transformers PreTrainedTokenizerFast from a GGUF file's tokenizer.ggml.* and chat template, offline."""
-    from transformers import AutoTokenizer
+    """transformers PreTrainedTokenizerFast from a GGUF file's tokenizer.ggml.* and chat template, offline.
+
+    Byte-level BPE vocabularies ("gpt2") are built without torch (`models.tokenizer.tokenizer_from_gguf`);
+    other tokenizer models use transformers' GGUF conversion, which needs torch.
+    """
+    from jaxdefense.models.tokenizer import BYTE_LEVEL_MODELS, tokenizer_from_gguf
 
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: GGUF file does not exist")
+    meta = read_gguf_metadata(path)
+    if meta.get("tokenizer.ggml.model") in BYTE_LEVEL_MODELS:
+        return tokenizer_from_gguf(meta, path)
+    from transformers import AutoTokenizer
+
     try:
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
     except (OSError, ValueError, KeyError, ImportError) as err:
         hint = "" if importlib.util.find_spec("torch") else "; transformers' GGUF conversion imports torch: pip install torch"
-        raise CheckpointError(f"{path}: cannot build a tokenizer from the GGUF metadata ({err}){hint}") from err
+        raise CheckpointError(f"{path}: cannot build a tokenizer from the GGUF metadata "
+                              f"(tokenizer.ggml.model {meta.get('tokenizer.ggml.model')!r}: {err}){hint}") from err

@@ -83,3 +83,50 @@ def test_data_never_imports_models():
                           "print(sorted(m for m in sys.modules if m.startswith('jaxdefense.models')))"],
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
+          "{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")  # SmolLM2's
+
+
+@pytest.fixture(scope="module")
+def chatml_tokenizer(tiny_tokenizer, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("chatml_tok")
+    tiny_tokenizer.save_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.eos_token = "<|im_end|>"
+    tok.chat_template = CHATML
+    return tok
+
+
+def test_chatml_loss_mask_covers_the_response_only(chatml_tokenizer):
+    """Training rows under ChatML: prompt = system + user turn + assistant header (the template's own
+    specials, no BOS added), targets = the response tokens + <|im_end|>; a literal "<|im_end|>" inside
+    the response stays text; eval prompts encode to the same head ids."""
+    from jaxdefense.data.batching import encode_example, prompt_ids
+
+    tok = chatml_tokenizer
+    user, answer = "How do I bake bread?", "Mix flour and water. <|im_end|> is text here."
+    head = tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+    assert head.startswith("<|im_start|>system\n") and head.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert format_prompt(tok, user) == head and uses_chat_template(tok, "chat")
+    head_ids = tok(head, add_special_tokens=False)["input_ids"]
+    assert prompt_ids(tok, user) == head_ids
+    ex = encode_example(tok, user, answer, max_len=512)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    answer_ids = tok(answer, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert im_end not in answer_ids  # the literal marker is split into ordinary tokens
+    assert list(ex.input_ids) == head_ids + answer_ids + [im_end]
+    assert ex.loss_mask == (0,) * len(head_ids) + (1,) * (len(answer_ids) + 1)
+    targets = [t for t, m in zip(ex.input_ids, ex.loss_mask) if m]
+    assert tok.decode(targets, skip_special_tokens=False).endswith("is text here.<|im_end|>")
+    ids, mask = encode_prompts(tok, [format_prompt(tok, user), format_prompt(tok, "Hi")])
+    assert ids[0].tolist() == head_ids and mask[0].all() and ids[1, -1] == head_ids[-1]
+    cut = encode_example(tok, user * 40, answer, max_len=64)  # the prompt shrinks from the left; header kept
+    assert len(cut.input_ids) == 64 and cut.input_ids[-len(answer_ids) - 1:] == tuple(answer_ids + [im_end])
+    assert sum(cut.loss_mask) == len(answer_ids) + 1
