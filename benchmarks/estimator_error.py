@@ -1,6 +1,6 @@
 """Accuracy of the cos-gradient estimators against the float64 exact gradient.
 
-    python -m benchmarks.estimator_error [--quick] --out DIR
+    python -m benchmarks.estimator_error [--quick] [--model smollm2-135m-instruct] --out DIR
 
 For ∇_θ cos(∇L_a, ∇L_b) (SEAM's L_sd; jaxdefense.curvature.cosine_grad) it measures, over
 ε ∈ {1, 3e-1, 1e-1, …, 1e-7}, precision ∈ {fp64, fp32, bf16, bf16 with the perturbed point
@@ -23,6 +23,15 @@ u = δ̂_a, δ̂_b (δ = 1e-4) and, for reference, as the max over random unit p
 "bound_seed_form" drops the (1 − c²) factor, "bound_random_lipschitz" uses the random-pair L.
 L is measured at radius 1e-4, so for ε ≳ 0.3 the bound misses the O(ε²) term, and at
 ε ≲ 1e-7 float64 rounding (≈ u‖g‖/ε) exceeds the truncation error the theorem bounds.
+
+--model NAME (a named pretrained model, e.g. smollm2-135m-instruct) studies that checkpoint
+instead of the named configs, in its one state "pretrained" (no training): batch a is harmful
+QA text (harmful_qa, SEAM's g_a stream), batch b benign instructions (benign_instruct, g_b),
+each rendered with the model's chat template and cut to the first `seq` tokens (data root:
+--data-dir / JAXDEFENSE_DATA_DIR / ../shared/data). Defaults sized to a 2-core CPU: batch
+2 × 32 tokens, ε ∈ {1e-1, 1e-2, 1e-3, 1e-4}, precisions fp32, bf16, bf16+fp32_perturb (the
+float64 truth and Lipschitz constants are still computed; fp64 rows are opt-in), one random
+direction for the random-pair Lipschitz constant.
 
 Writes DIR/estimator_error.json (rows, bound, best_eps, training, machine) and log-log
 plots DIR/estimator_error.png (all precisions) and DIR/estimator_error_<precision>.png.
@@ -55,6 +64,39 @@ QUICK_SHAPES = {"tiny": dict(batch=4, seq=16)}
 TRAIN = {"tiny": dict(steps=300, lr=3e-3), "small": dict(steps=120, lr=1e-3)}
 QUICK_TRAIN = {"tiny": dict(steps=40, lr=3e-3)}
 TABLE_SEEDS = {"a": 11, "b": 22}
+MODEL_SHAPE = dict(batch=2, seq=32)
+MODEL_EPS = [1e-1, 1e-2, 1e-3, 1e-4]
+MODEL_PRECISIONS = ["fp32", "bf16", "bf16+fp32_perturb"]
+MODEL_STREAMS = {"a": "harmful_qa", "b": "benign_instruct"}
+
+
+def load_pretrained(name: str):
+    """(cfg, params as jax arrays, tokenizer) of a named pretrained model (`models.PRETRAINED`)."""
+    from jaxdefense.models import load_gguf, load_gguf_tokenizer, pretrained_path
+
+    path = pretrained_path(name)
+    cfg, params = load_gguf(path)
+    return cfg, jax.tree.map(jnp.asarray, params), load_gguf_tokenizer(path)
+
+
+def text_tokens(tokenizer, stream: str, batch: int, seq: int, data_dir=None, skip: int = 0) -> np.ndarray:
+    """[batch, seq] ids: the first `seq` tokens of chat-rendered (prompt, response) records of a
+    data stream that have at least `seq` tokens, after skipping `skip` such records."""
+    from jaxdefense.data.formatting import apply_chat
+    from jaxdefense.data.streams import load_stream
+
+    rows = []
+    for record in load_stream(stream, "train", data_dir):
+        text = apply_chat(tokenizer, record["prompt"], record.get("response"))
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) >= seq:
+            if skip:
+                skip -= 1
+                continue
+            rows.append(ids[:seq])
+            if len(rows) == batch:
+                return np.asarray(rows, np.int64)
+    raise SystemExit(f"estimator_error: stream {stream!r} has fewer than {batch} records of ≥ {seq} tokens")
 
 
 def stream_tokens(cfg, stream: str, seed: int, batch: int, seq: int) -> np.ndarray:
@@ -184,6 +226,8 @@ def study_state(config, state, cfg, params, batch_a, batch_b, eps_list, quick, p
 
     fwd64 = {r["eps"]: r["abs_error"] for r in rows
              if r["precision"] == "fp64" and r["estimator"] == "forward"}
+    fwd32 = {r["eps"]: r["abs_error"] for r in rows
+             if r["precision"] == "fp32" and r["estimator"] == "forward"}
     bound = {
         "cos": cos, "norm_a": norm_a, "norm_b": norm_b, "truth_norm": truth_norm,
         "lipschitz_a": lip_a, "lipschitz_b": lip_b,
@@ -199,6 +243,8 @@ def study_state(config, state, cfg, params, batch_a, batch_b, eps_list, quick, p
         if eps in fwd64:
             bound["observed"].append(fwd64[eps])
             bound["holds"].append(fwd64[eps] <= b)
+        if eps in fwd32:
+            bound.setdefault("observed_fp32", []).append(fwd32[eps])
     return rows, bound
 
 
@@ -264,10 +310,47 @@ def _extra_args(parser):
                         help=f"subset of {','.join(PRECISIONS)}")
     parser.add_argument("--eps", type=lambda s: [float(x) for x in s.split(",")], default=None)
     parser.add_argument("--train-steps", type=int, default=None)
+    parser.add_argument("--model", default=None, help="a named pretrained model, e.g. smollm2-135m-instruct")
+    parser.add_argument("--batch", type=int, default=None, help=f"with --model (default {MODEL_SHAPE['batch']})")
+    parser.add_argument("--seq", type=int, default=None, help=f"with --model (default {MODEL_SHAPE['seq']})")
+    parser.add_argument("--data-dir", default=None, help="data root (with --model)")
+
+
+def study_model(args) -> dict:
+    """The --model study: rows and bound of the pretrained checkpoint at one real-text batch pair."""
+    eps_list = args.eps or MODEL_EPS
+    precisions = args.precisions or MODEL_PRECISIONS
+    shape = {"batch": args.batch or MODEL_SHAPE["batch"], "seq": args.seq or MODEL_SHAPE["seq"]}
+    start = time.perf_counter()
+    cfg, params, tokenizer = load_pretrained(args.model)
+    batch_a = lm_batch(text_tokens(tokenizer, MODEL_STREAMS["a"], shape["batch"], shape["seq"], args.data_dir))
+    batch_b = lm_batch(text_tokens(tokenizer, MODEL_STREAMS["b"], shape["batch"], shape["seq"], args.data_dir))
+    print(f"[estimator_error] {args.model}: loaded at {time.perf_counter() - _T0:.0f}s", flush=True)
+    rows, bound = study_state(args.model, "pretrained", cfg, params, batch_a, batch_b, eps_list, True, precisions)
+    return {
+        "benchmark": "estimator_error",
+        "quick": args.quick,
+        "model": args.model,
+        "streams": MODEL_STREAMS,
+        "eps": eps_list,
+        "precisions": precisions,
+        "shapes": {args.model: shape},
+        "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
+        "rows": rows,
+        "bound": {f"{args.model}/pretrained": bound},
+        "best_eps": best_eps(rows),
+        "wall_s": time.perf_counter() - start,
+        "machine": machine_info(),
+    }
 
 
 def main(argv=None):
     args = parse_args(__doc__.splitlines()[0], argv, extra=_extra_args)
+    if args.model:
+        data = study_model(args)
+        write_json(args.out, "estimator_error", data)
+        plot(data["rows"], data["bound"], args.out, data["precisions"])
+        return data
     train_cfg = QUICK_TRAIN if args.quick else TRAIN
     configs = args.configs or list(train_cfg)
     eps_list = args.eps or (EPS_QUICK if args.quick else EPS_FULL)
