@@ -20,6 +20,7 @@ from jaxdefense.errors import CheckpointError, ConfigError
 FAMILIES = ("llama", "qwen2", "qwen3")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 LLAMA3_ROPE_KEYS = ("factor", "high_freq_factor", "low_freq_factor", "original_max_position_embeddings")
+REMAT_POLICIES = ("none", "dots-saveable", "everything")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +29,10 @@ class ModelConfig:
 
     `rope_scaling` is None (plain RoPE) or a sorted tuple of (key, value) pairs of the
     "llama3" scaling (a dict is accepted and frozen). `eos_token_id` is an int, a tuple of
-    ints (several stop ids, as in Llama 3 instruct) or None.
+    ints (several stop ids, as in Llama 3 instruct) or None. `remat` is the per-layer
+    rematerialisation inside the layer scan (not an HF field): "none" keeps every activation
+    for the backward pass, "dots-saveable" keeps the outputs of the weight matmuls and recomputes
+    the rest (attention scores included), "everything" keeps only each layer's input.
     """
 
     vocab_size: int
@@ -49,6 +53,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    remat: str = "none"
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):
@@ -57,6 +62,8 @@ class ModelConfig:
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         if self.family not in FAMILIES:
             raise ConfigError(f"model family: {self.family!r} is not one of {FAMILIES}")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"model remat: {self.remat!r} is not one of {REMAT_POLICIES}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.head_dim % 2:

@@ -7,10 +7,19 @@ the HF rotate-half form computed in float32, softmax in float32.
 Precision: compute follows the params' dtype; norms, RoPE, softmax and logits are float32.
 The params layout is declared in `models.layout`; `decoder_layer` is the one block, with an
 optional KV cache, that the forward pass and KV-cache generation (`models.generate`) share.
+
+Sharding: activations are constrained to the logical layouts of `models.sharding_rules`
+(residual stream batch-split over data·fsdp, heads and MLP width over tensor) at the embedding
+output, at each layer boundary and inside attention and the MLP, whenever a mesh is active
+(`jax.set_mesh`, or the training loop's step); without one the constraints are the identity.
+Each scanned layer is rematerialised by `cfg.remat`. The losses (`lm_loss`, `token_nll`) project
+onto the vocabulary in token chunks of at most LOGIT_CHUNK_ELEMENTS / V positions, each chunk
+rematerialised in the backward pass, so no [B, T, V] array exists whole.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -18,11 +27,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxdefense.models import sharding_rules as rules
 from jaxdefense.models.config import ModelConfig
+from jaxdefense.models.layout import BY_NAME
 from jaxdefense.models.lora import merge_layer
+from jaxdefense.models.sharding_rules import constrain
 
 _MASKED = -1e30
 SCAN_UNROLL_MAX_LAYERS = int(os.environ.get("JAXDEFENSE_SCAN_UNROLL_MAX_LAYERS", "8"))
+# Logits per sequence row in one chunk of the chunked cross-entropy (T_chunk · V ≤ this).
+LOGIT_CHUNK_ELEMENTS = int(os.environ.get("JAXDEFENSE_LOGIT_CHUNK_ELEMENTS", str(2 ** 24)))
 
 
 def scan_unroll(cfg: ModelConfig) -> int:
@@ -98,7 +112,8 @@ def project_qkv(cfg: ModelConfig, p: dict, h: jax.Array, rope):
         k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
     q = apply_rope(q, rope) * jnp.asarray(Dh ** -0.5, q.dtype)
     k = apply_rope(k, rope)
-    return q.reshape(B, T, Hk, cfg.num_heads // Hk, Dh), k, v.reshape(B, T, Hk, Dh)
+    q = constrain(q.reshape(B, T, Hk, cfg.num_heads // Hk, Dh), rules.QUERY)
+    return q, constrain(k, rules.KEY_VALUE), constrain(v.reshape(B, T, Hk, Dh), rules.KEY_VALUE)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -108,12 +123,13 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
     scores = jnp.where(mask[:, None, None], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(B, T, Hk * G * Dh)
+    return constrain(out.reshape(B, T, Hk * G * Dh), rules.ATTN_OUT)
 
 
 def mlp(p: dict, h: jax.Array) -> jax.Array:
     """SwiGLU: (silu(h W_gate) ⊙ h W_up) W_down."""
-    return dense(jax.nn.silu(dense(h, p["w_gate"])) * dense(h, p["w_up"]), p["w_down"])
+    hidden = constrain(jax.nn.silu(dense(h, p["w_gate"])) * dense(h, p["w_up"]), rules.MLP_HIDDEN)
+    return dense(hidden, p["w_down"])
 
 
 def decoder_layer(cfg: ModelConfig, p: dict, x: jax.Array, rope, mask: jax.Array, cache=None, index=None):
@@ -132,8 +148,19 @@ def decoder_layer(cfg: ModelConfig, p: dict, x: jax.Array, rope, mask: jax.Array
         kv = tuple(lax.dynamic_update_slice(c, new[None].astype(c.dtype), (layer, 0, slot, 0, 0))
                    for c, new in zip(cache, (k, v)))
         k, v = (lax.dynamic_index_in_dim(c, layer, 0, False) for c in kv)
-    x = x + dense(attend(q, k, v, mask), p["wo"])
-    return x + mlp(p, rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)), kv
+    x = constrain(x + dense(attend(q, k, v, mask), p["wo"]), rules.RESIDUAL)
+    return constrain(x + mlp(p, rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)), rules.RESIDUAL), kv
+
+
+def remat_layer(cfg: ModelConfig, layer):
+    """`layer` under `cfg.remat`: itself ("none"), `jax.checkpoint` saving the outputs of
+    matmuls without batch dimensions — the weight projections, not the attention einsums
+    ("dots-saveable"), or saving nothing but its inputs ("everything")."""
+    if cfg.remat == "none":
+        return layer
+    policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat == "dots-saveable"
+              else jax.checkpoint_policies.nothing_saveable)
+    return jax.checkpoint(layer, policy=policy, prevent_cse=False)
 
 
 def causal_mask(attention_mask: jax.Array) -> jax.Array:
@@ -148,14 +175,25 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def _head(cfg: ModelConfig, params: dict, h: jax.Array) -> jax.Array:
-    """Output projection of final-normed h (tied: h @ embedᵀ, one array); float32 logits."""
+def _head_weight(cfg: ModelConfig, params: dict) -> jax.Array:
+    """The output projection's weight: embed [V, D] when tied (one array), else lm_head [D, V]."""
+    name = "embed" if cfg.tie_embeddings else "lm_head"
+    return constrain(params[name], BY_NAME[name].logical_axes)
+
+
+def _project(cfg: ModelConfig, w: jax.Array, h: jax.Array) -> jax.Array:
+    """Logits h @ W (tied: h @ embedᵀ) in ≥ float32, constrained to the LOGITS layout."""
     flat = h.reshape(-1, h.shape[-1])
     if cfg.tie_embeddings:
-        logits = lax.dot_general(flat, params["embed"], (((1,), (1,)), ((), ())), preferred_element_type=_wide(h.dtype))
+        logits = lax.dot_general(flat, w, (((1,), (1,)), ((), ())), preferred_element_type=_wide(h.dtype))
     else:
-        logits = jnp.dot(flat, params["lm_head"], preferred_element_type=_wide(h.dtype))
-    return logits.reshape(*h.shape[:-1], logits.shape[-1])
+        logits = jnp.dot(flat, w, preferred_element_type=_wide(h.dtype))
+    return constrain(logits.reshape(*h.shape[:-1], logits.shape[-1]), rules.LOGITS)
+
+
+def _head(cfg: ModelConfig, params: dict, h: jax.Array) -> jax.Array:
+    """Output projection of final-normed h (tied: h @ embedᵀ, one array); float32 logits."""
+    return _project(cfg, _head_weight(cfg, params), h)
 
 
 def logits_from_hidden(cfg: ModelConfig, params: dict, x: jax.Array) -> jax.Array:
@@ -163,25 +201,47 @@ def logits_from_hidden(cfg: ModelConfig, params: dict, x: jax.Array) -> jax.Arra
     return _head(cfg, params, rms_norm(x, params["final_norm"], cfg.rms_norm_eps))
 
 
+def constrain_params(params: dict) -> dict:
+    """Each weight of the layout constrained to its logical axes (`models.layout`) on the context
+    mesh. The constraint's transpose and jvp apply the same sharding to cotangents and tangents,
+    so gradients and HVPs w.r.t. the params come out sharded like the params, whoever calls."""
+
+    def one(name, x):
+        w = BY_NAME.get(name)
+        return constrain(x, w.logical_axes) if w is not None and len(w.logical_axes) == x.ndim else x
+
+    out = {k: one(k, v) for k, v in params.items() if k != "layers"}
+    if "layers" in params:
+        out["layers"] = {k: one(k, v) for k, v in params["layers"].items()}
+    return out
+
+
 def decoder_stack(cfg: ModelConfig, params: dict, input_ids: jax.Array, attention_mask=None, lora=None,
                   hidden_perturb=None, return_hidden: bool = False):
     """Residual stream after the last layer [B,T,D] (pre final norm) and, if asked, all of them."""
     B, T = input_ids.shape
+    params = constrain_params(params)
     if attention_mask is None:
         attention_mask = jnp.ones((B, T), jnp.int32)
     rope = rope_table(cfg, positions_from_mask(attention_mask))
-    mask = causal_mask(attention_mask)
-    x = jnp.take(params["embed"], input_ids, axis=0)
+    mask = constrain(causal_mask(attention_mask), (*rules.TOKENS, None))
+    x = constrain(jnp.take(params["embed"], input_ids, axis=0), rules.RESIDUAL)
     lora_layers = None if lora is None else lora["layers"]
     lora_scale = None if lora is None else lora["scale"]
 
-    def body(x, layer_inputs):
+    def layer(x, layer_inputs):
         p, layer_lora, perturb = layer_inputs
         if layer_lora is not None:
             p = merge_layer(p, layer_lora, lora_scale)
-        x, _ = decoder_layer(cfg, p, x, rope, mask)
+        x, _ = decoder_layer(cfg, p, constrain(x, rules.RESIDUAL), rope, mask)
         if perturb is not None:
-            x = x + perturb.astype(x.dtype)
+            x = constrain(x + perturb.astype(x.dtype), rules.RESIDUAL)
+        return x
+
+    layer = remat_layer(cfg, layer)
+
+    def body(x, layer_inputs):
+        x = layer(x, layer_inputs)
         return x, (x if return_hidden else None)
 
     x_out, hidden = lax.scan(body, x, (params["layers"], lora_layers, hidden_perturb),
@@ -221,17 +281,53 @@ def next_token_nll(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array
     return jax.nn.logsumexp(logits, axis=-1) - picked, weights
 
 
+def _chunk_nll(cfg: ModelConfig, w: jax.Array, h: jax.Array, targets: jax.Array) -> jax.Array:
+    """nll = logsumexp(z) − z[target] of z = h W for h [B,C,D] and targets [B,C]; float32 [B,C].
+    The target logit is selected by comparison with a vocabulary iota (elementwise, so a
+    vocab-sharded z needs no gather)."""
+    logits = _project(cfg, w, h)
+    hit = lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == targets[..., None]
+    picked = jnp.sum(jnp.where(hit, logits, jnp.zeros((), logits.dtype)), axis=-1)
+    return jax.nn.logsumexp(logits, axis=-1) - picked
+
+
+def logit_chunk_tokens(seq_len: int, vocab_size: int) -> int:
+    """Positions per cross-entropy chunk: ceil(T / n) for the fewest n chunks with chunk · V ≤
+    LOGIT_CHUNK_ELEMENTS (T when the whole row fits)."""
+    limit = max(1, LOGIT_CHUNK_ELEMENTS // max(vocab_size, 1))
+    n = -(-seq_len // limit)
+    return -(-seq_len // n)
+
+
 def _nll_from_stack(cfg: ModelConfig, params: dict, x: jax.Array, input_ids, loss_mask):
-    """next_token_nll from the last residual stream, with the target logit z_t = h · W[:, t]
-    taken from gathered head columns, so the only [B,T,V] arrays are the logits and softmax."""
+    """next_token_nll [B,T] and weights from the last residual stream, in token chunks.
+
+    nll[b,t] = logsumexp_v(h[b,t] · W[:, v]) − h[b,t] · W[:, ids[b,t+1]] with h = RMSNorm(x).
+    When T · V > LOGIT_CHUNK_ELEMENTS the positions are cut into n chunks (the last padded) and
+    mapped with `lax.map` over a rematerialised chunk function, so one chunk's [B, C, V] logits
+    exist at a time in the forward, the backward and forward-mode (jvp) passes alike. The head
+    weight enters the map in ≥ float32, so its gradient accumulates over chunks in float32.
+    """
     dtype = _wide(x.dtype)
     targets, weights = _shifted_targets(input_ids, loss_mask, dtype)
     h = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-    logits = _head(cfg, params, h)
-    cols = (jnp.take(params["embed"], targets, axis=0) if cfg.tie_embeddings
-            else jnp.moveaxis(jnp.take(params["lm_head"], targets, axis=1), 0, -1))
-    picked = jnp.sum(h.astype(dtype) * cols.astype(dtype), axis=-1)
-    return jax.nn.logsumexp(logits, axis=-1) - picked, weights
+    w = _head_weight(cfg, params)
+    B, T, D = h.shape
+    chunk = logit_chunk_tokens(T, w.shape[0] if cfg.tie_embeddings else w.shape[1])
+    if chunk >= T:
+        return _chunk_nll(cfg, w, h, targets), weights
+    n = -(-T // chunk)
+    pad = n * chunk - T
+    h_chunks = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(B, n, chunk, D).swapaxes(0, 1)
+    t_chunks = jnp.pad(targets, ((0, 0), (0, pad))).reshape(B, n, chunk).swapaxes(0, 1)
+    w_wide = w.astype(_wide(w.dtype))
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def one(w_wide, h_c, t_c):
+        return _chunk_nll(cfg, w_wide.astype(w.dtype), constrain(h_c, rules.RESIDUAL), t_c)
+
+    nll = lax.map(lambda xs: one(w_wide, *xs), (h_chunks, t_chunks))
+    return nll.swapaxes(0, 1).reshape(B, n * chunk)[:, :T], weights
 
 
 def lm_loss(cfg: ModelConfig, params: dict, batch: dict, *, lora=None, hidden_perturb=None) -> jax.Array:

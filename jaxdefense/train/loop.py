@@ -114,13 +114,18 @@ def keep_masked(mask, new, old, params):
 
 
 def make_step(grad_fn: GradFn, optimizer: optax.GradientTransformation, compute_dtype=None,
-              grad_shardings=None):
+              grad_shardings=None, mesh=None):
     """The un-jitted step: (params, opt_state, batches, frozen, base_key, step) ->
     (params, opt_state, metrics, ok, finite) where `finite` flags every metric and grad leaf.
-    grad_fn sees the step as batches[STEP]; a metrics[UPDATE_MASK] it returns is consumed here."""
+    grad_fn sees the step as batches[STEP]; a metrics[UPDATE_MASK] it returns is consumed here.
+    With `mesh`, the step is traced under it, so the model's activation constraints apply."""
     compute_dtype = _canonical_dtype(compute_dtype)
 
-    def step_fn(params, opt_state, batches, frozen, base_key, step):
+    def step_fn(*args):
+        with shd.activation_mesh(mesh):
+            return step_body(*args)
+
+    def step_body(params, opt_state, batches, frozen, base_key, step):
         key = jax.random.fold_in(base_key, step)
         batches = {**batches, STEP: jnp.asarray(step, jnp.int32)}
         grads, metrics = compute_grads(grad_fn, params, batches, key, compute_dtype, grad_shardings, frozen=frozen)
@@ -314,7 +319,7 @@ def train(
     step_fn = _cached_jit(
         ("step", _fn_key(grad_fn), optimizer, dtype, _hashable(p_shard), _hashable(o_shard), _hashable(f_shard), b_shard),
         lambda: jax.jit(
-            make_step(grad_fn, optimizer, dtype, p_shard),
+            make_step(grad_fn, optimizer, dtype, p_shard, mesh),
             in_shardings=(p_shard, o_shard, b_shard, f_shard, rep, rep),
             out_shardings=(p_shard, o_shard, rep, rep, rep),
             donate_argnums=(0, 1),

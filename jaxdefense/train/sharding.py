@@ -1,13 +1,16 @@
-"""Mesh construction and the logical → physical sharding rules, in one place.
+"""Mesh construction and the shardings of params, optimiser state and batches.
 
 A parameter's named dimensions ("logical axes", e.g. ("layers", "embed", "heads")) map to
 mesh axes through `RULES`; a dimension whose size does not divide the product of its mesh
-axes is replicated instead. The mesh is always built with `AxisType.Auto` (GSPMD
-propagation): the jax default, Explicit, breaks unannotated model code.
+axes is replicated instead. The rules table and `logical_to_spec` live in
+`models.sharding_rules` (the decoder constrains its activations with the same table) and are
+re-exported here. The mesh is always built with `AxisType.Auto` (GSPMD propagation): the jax
+default, Explicit, breaks unannotated model code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -18,22 +21,11 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jaxdefense.errors import ConfigError
 from jaxdefense.models.layout import WEIGHTS
+from jaxdefense.models.sharding_rules import MESH_AXES, RULES, constrain, current_mesh, logical_to_spec
 
-MESH_AXES = ("data", "fsdp", "tensor")
-
-# Logical axis → mesh axes (a tuple: the dimension is split over their product).
-RULES: dict[str, tuple[str, ...]] = {
-    "batch": ("data", "fsdp"),
-    "embed": ("fsdp",),
-    "vocab": ("tensor",),
-    "heads": ("tensor",),
-    "kv_heads": ("tensor",),
-    "mlp": ("tensor",),
-    "layers": (),
-    "length": (),
-    "norm": (),
-    "lora_rank": (),
-}
+__all__ = ["MESH_AXES", "PARAM_AXES", "RULES", "activation_mesh", "batch_divisor", "batch_sharding", "constrain", "current_mesh",
+           "like_params", "logical_to_spec", "make_mesh", "param_shardings", "param_specs", "put_global",
+           "replicated", "shard_tree", "state_shardings", "to_host"]
 
 # Parameter name (last key in the params pytree) → logical axes per dimension, from `models.layout`.
 PARAM_AXES: dict[str, tuple[str, ...]] = {w.name: w.logical_axes for w in WEIGHTS}
@@ -55,39 +47,6 @@ def make_mesh(
     return jax.make_mesh(
         shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=available[:need]
     )
-
-
-def logical_to_spec(
-    logical: Sequence[str | None],
-    shape: Sequence[int] | None = None,
-    mesh: Mesh | None = None,
-    rules: Mapping[str, Sequence[str]] = RULES,
-) -> P:
-    """PartitionSpec for logical axes; dims that do not divide their mesh axes are replicated.
-
-    Raises ConfigError if two dimensions would use the same mesh axis, or an axis is unknown.
-    """
-    used: dict[str, str] = {}
-    spec: list[Any] = []
-    for dim, name in enumerate(logical):
-        if name is not None and name not in rules:
-            raise ConfigError(f"sharding: no rule for logical axis {name!r}")
-        physical = tuple(rules[name]) if name is not None else ()
-        for axis in physical:
-            if axis in used:
-                raise ConfigError(
-                    f"sharding: logical axes {used[axis]!r} and {name!r} both map to mesh axis {axis!r}"
-                )
-            used[axis] = name
-        if mesh is not None:
-            physical = tuple(a for a in physical if mesh.shape.get(a, 1) > 1)
-        if shape is not None and mesh is not None and physical:
-            if shape[dim] % math.prod(mesh.shape[a] for a in physical):
-                physical = ()
-        spec.append(None if not physical else physical[0] if len(physical) == 1 else physical)
-    while spec and spec[-1] is None:
-        spec.pop()
-    return P(*spec)
 
 
 def _leaf_axes(path: tuple[Any, ...], ndim: int) -> tuple[str | None, ...]:
@@ -121,6 +80,15 @@ def param_shardings(params: Any, mesh: Mesh, rules: Mapping[str, Sequence[str]] 
 def batch_sharding(mesh: Mesh, rules: Mapping[str, Sequence[str]] = RULES) -> NamedSharding:
     """Sharding for batch arrays: leading dim over ("data", "fsdp"), the rest replicated."""
     return NamedSharding(mesh, logical_to_spec(("batch",), None, mesh, rules))
+
+
+def activation_mesh(mesh: Mesh | None):
+    """Context in which the decoder's activation constraints (`models.sharding_rules.constrain`)
+    use `mesh`: `jax.sharding.use_abstract_mesh(mesh.abstract_mesh)`, entered while a jitted step
+    is traced; a null context for None."""
+    if mesh is None:
+        return contextlib.nullcontext()
+    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -146,3 +146,52 @@ def test_bf16_params_give_float32_logits_close_to_float32(params):
     assert l16.dtype == jnp.float32
     assert float(jnp.abs(l16 - l32).max()) < 0.02 * float(jnp.abs(l32).max()) + 1e-3
     assert loss_fn(CFG, p16, batch).dtype == jnp.float32
+
+
+def _flat(tree):
+    return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_chunked_cross_entropy_equals_whole_logits_in_value_grad_and_jvp(params, monkeypatch, tied):
+    """With T·V over LOGIT_CHUNK_ELEMENTS, lm_loss / token_nll run over token chunks (here 3 chunks
+    of 6 for T = 16, the last one padded): loss, per-row NLL, gradient and jvp equal the one-chunk
+    values, and the loss equals log-softmax of `forward`'s logits."""
+    from jaxdefense.models import decoder
+
+    cfg = CFG if tied else CFG.replace(tie_embeddings=False)
+    p = params if tied else init_params(cfg, jax.random.key(3))
+    batch = _batch(cfg, key=5)
+    v = jax.tree.map(lambda x: jnp.sin(jnp.arange(x.size, dtype=x.dtype).reshape(x.shape)), p)
+
+    def measure():
+        loss = lambda q: lm_loss(cfg, q, batch)  # noqa: E731
+        return jax.jit(lambda q: (loss(q), token_nll(cfg, q, batch), jax.grad(loss)(q),
+                                  jax.jvp(loss, (q,), (v,))[1]))(p)
+
+    whole = measure()
+    monkeypatch.setattr(decoder, "LOGIT_CHUNK_ELEMENTS", cfg.vocab_size * 6)
+    assert decoder.logit_chunk_tokens(T, cfg.vocab_size) == 6
+    chunked = measure()
+    for a, b in zip(whole, chunked):
+        np.testing.assert_allclose(_flat(b), _flat(a), rtol=2e-5, atol=2e-7)
+    logits = fwd(cfg, p, batch["input_ids"], attention_mask=batch["attention_mask"])
+    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    nll = -jnp.take_along_axis(logp, batch["input_ids"][:, 1:, None], axis=-1)[..., 0]
+    w = batch["loss_mask"][:, 1:]
+    np.testing.assert_allclose(float(chunked[0]), float(jnp.sum(nll * w) / jnp.sum(w)), rtol=1e-5)
+
+
+def test_remat_policies_keep_loss_and_gradient(params):
+    """cfg.remat "dots-saveable" and "everything" rematerialise each scanned layer: the loss and
+    gradient equal those of "none" (to float rounding); an unknown policy is a ConfigError."""
+    from jaxdefense.errors import ConfigError
+
+    batch = _batch(CFG, key=6)
+    ref = jax.jit(jax.value_and_grad(lambda q: lm_loss(CFG, q, batch)))(params)
+    for policy in ("dots-saveable", "everything"):
+        cfg = CFG.replace(remat=policy)
+        out = jax.jit(jax.value_and_grad(lambda q: lm_loss(cfg, q, batch)))(params)
+        np.testing.assert_allclose(_flat(out), _flat(ref), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ConfigError, match="remat"):
+        CFG.replace(remat="some")
