@@ -102,3 +102,17 @@ def test_sharded_forward_equals_single_device(shape):
     assert out.sharding.mesh.shape == mesh.shape
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
     assert float(jnp.max(jnp.abs(out - ref))) < 1e-4
+
+
+def test_cluster_detection_from_scheduler_variables():
+    """Only a launch of more than one process counts as a cluster; JAXDEFENSE_DISTRIBUTED=0 opts out."""
+    from jaxdefense.train.distributed import detected_cluster
+
+    assert detected_cluster({}) is None
+    assert detected_cluster({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}) is None  # salloc shell, no srun step
+    assert detected_cluster({"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) is None
+    assert detected_cluster({"SLURM_JOB_ID": "7", "SLURM_PROCID": "3", "SLURM_NTASKS": "4"}) == "slurm"
+    assert detected_cluster({"OMPI_COMM_WORLD_SIZE": "2"}) == "openmpi"
+    assert detected_cluster({"TPU_WORKER_HOSTNAMES": "t0"}) is None
+    assert detected_cluster({"TPU_WORKER_HOSTNAMES": "t0,t1,t2,t3"}) == "tpu"
+    assert detected_cluster({"OMPI_COMM_WORLD_SIZE": "2", "JAXDEFENSE_DISTRIBUTED": "0"}) is None
