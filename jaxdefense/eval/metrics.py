@@ -1,8 +1,12 @@
 """Harmfulness-, utility- and collapse-metrics of a model: NLLs, multiple-choice accuracy,
 task accuracy, generations and their diversity / repetition / entropy.
 
-Model-side functions take `(cfg, params, tokenizer, ...)`; batches have a fixed row count and
-a length rounded up to a multiple of `LEN_BUCKET`, so one compilation serves a whole eval.
+Model-side functions take `(cfg, params, tokenizer, ...)`. Rows are sorted by length before
+batching (results come back in input order) and each batch has a fixed row count and a width
+from `row_width` (LEN_BUCKET·2^k up to 4·LEN_BUCKET, then multiples of 4·LEN_BUCKET), so short
+rows are not padded to the longest one and a whole eval compiles a handful of shapes.
+Generation records each row's next-token entropy while decoding (`Generations.entropy`), so
+`generation_entropy` needs no second pass over the generations.
 """
 
 from __future__ import annotations
@@ -22,6 +26,39 @@ LEN_BUCKET = 32
 
 def _bucket(n: int, bucket: int = LEN_BUCKET) -> int:
     return max(bucket, -(-n // bucket) * bucket)
+
+
+def row_width(n: int) -> int:
+    """Padded width of a batch whose longest row has n tokens: 32, 64, 128, then multiples of 128."""
+    width = LEN_BUCKET
+    while width < n and width < 4 * LEN_BUCKET:
+        width *= 2
+    return width if n <= width else _bucket(n, 4 * LEN_BUCKET)
+
+
+def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Row indices grouped into batches of similar length (longest first); every index appears once.
+
+    max_tokens: a batch of padded width w keeps at most max_tokens // w rows, halved from batch_size
+    (so a few very long rows do not pad a whole batch to their length)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches, start = [], 0
+    while start < len(order):
+        rows = batch_rows(row_width(lengths[order[start]]), batch_size, max_tokens)
+        batches.append(order[start : start + rows])
+        start += rows
+    return batches
+
+
+def batch_rows(width: int, batch_size: int, max_tokens: int | None) -> int:
+    """Rows of a batch of padded width `width`: batch_size, halved while rows · width > max_tokens."""
+    rows = batch_size
+    while max_tokens is not None and rows > 1 and rows * width > max_tokens:
+        rows //= 2
+    return rows
+
+
+GEN_PROMPT_TOKENS = 256  # generation batches hold at most batch_size · GEN_PROMPT_TOKENS padded prompt tokens
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -48,17 +85,17 @@ def _entropy_sums(cfg, params, input_ids, attention_mask, loss_mask):
 
 def _run_rows(fn, cfg, params, rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, batch_size: int,
               on_batch=None):
-    """Apply a per-row-sum fn to (ids, loss_mask) rows in fixed-shape, right-padded batches.
+    """Apply a per-row-sum fn to (ids, loss_mask) rows in fixed-row-count, right-padded batches of similar length.
 
-    on_batch(n): called after each batch with its number of real rows (progress reporting)."""
+    Returns (sums, counts) in row order. on_batch(n): called after each batch with its number of real rows."""
     if not rows:
         return np.zeros((0,)), np.zeros((0,))
-    width = _bucket(max(len(ids) for ids, _ in rows))
-    sums, counts = [], []
-    for start in range(0, len(rows), batch_size):
-        chunk = list(rows[start : start + batch_size])
+    sums, counts = np.zeros(len(rows)), np.zeros(len(rows))
+    for index in length_batches([len(ids) for ids, _ in rows], batch_size):
+        chunk = [rows[i] for i in index]
         n_real = len(chunk)
         chunk += [chunk[-1]] * (batch_size - n_real)
+        width = row_width(max(len(ids) for ids, _ in chunk))
         ids = np.full((batch_size, width), pad_id, np.int32)
         attn = np.zeros((batch_size, width), np.int32)
         mask = np.zeros((batch_size, width), np.float32)
@@ -67,11 +104,11 @@ def _run_rows(fn, cfg, params, rows: Sequence[tuple[Sequence[int], Sequence[int]
             attn[b, : len(row_ids)] = 1
             mask[b, : len(row_ids)] = row_mask
         s, c = fn(cfg, params, ids, attn, mask)
-        sums.append(np.asarray(s, np.float64)[:n_real])
-        counts.append(np.asarray(c, np.float64)[:n_real])
+        sums[index] = np.asarray(s, np.float64)[:n_real]
+        counts[index] = np.asarray(c, np.float64)[:n_real]
         if on_batch is not None:
             on_batch(n_real)
-    return np.concatenate(sums), np.concatenate(counts)
+    return sums, counts
 
 
 def _pad_id(tokenizer) -> int:
@@ -181,17 +218,23 @@ class Generations:
     texts: list[str]
     token_ids: list[list[int]]  # generated ids, up to (excluding) the first stop token
     prompt_ids: list[list[int]]
+    entropy: list[float] | None = None  # per row, Σ_t H(p_t) over the positions that produced token_ids
 
 
 def generate_samples(cfg, params, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 64,
                      batch_size: int = 8, chat: bool = True, temperature: float = 0.0, seed: int = 0,
                      on_batch=None) -> Generations:
-    """Greedy (or sampled) completions in fixed-size batches, with their token ids (on_batch(n) after each)."""
+    """Greedy (or sampled) completions in batches of similar prompt length, returned in prompt order,
+    with their token ids and next-token entropies (on_batch(n) after each batch).
+
+    Batches have batch_size rows (the last padded with copies), fewer (halved) for prompts so long
+    that batch_size rows would exceed batch_size · GEN_PROMPT_TOKENS padded prompt tokens.
+    """
     from jaxdefense.data.formatting import apply_chat, encode_prompts
     from jaxdefense.models import generate
 
     if not prompts:
-        return Generations([], [], [], [])
+        return Generations([], [], [], [], [])
     if batch_size < 1:
         raise ConfigError(f"batch_size must be ≥ 1, got {batch_size}")
     stops = set(cfg.eos_ids)
@@ -199,35 +242,50 @@ def generate_samples(cfg, params, tokenizer, prompts: Sequence[str], *, max_new_
         stops.add(int(tokenizer.eos_token_id))
     stops = tuple(sorted(stops))
     texts_in = [apply_chat(tokenizer, p) if chat else p for p in prompts]
-    out_texts, out_ids, out_prompt_ids = [], [], []
+    all_ids, all_mask = encode_prompts(tokenizer, texts_in, chat=chat)
+    lengths = all_mask.sum(axis=1).tolist()
+    n = len(prompts)
+    out_texts, out_ids, out_prompt_ids, out_entropy = [""] * n, [[]] * n, [[]] * n, [0.0] * n
     key = jax.random.key(seed)
-    for start in range(0, len(texts_in), batch_size):
-        chunk = texts_in[start : start + batch_size]
-        n_real = len(chunk)
-        chunk = chunk + [chunk[-1]] * (batch_size - n_real)
-        ids, mask = encode_prompts(tokenizer, chunk, chat=chat)
+    for index in length_batches(lengths, batch_size, batch_size * GEN_PROMPT_TOKENS):
+        n_real = len(index)
+        width = row_width(lengths[index[0]])
+        rows = batch_rows(width, batch_size, batch_size * GEN_PROMPT_TOKENS)
+        index_full = index + [index[-1]] * (rows - n_real)
+        ids = np.zeros((rows, width), np.int32)
+        mask = np.zeros((rows, width), np.int32)
+        take = min(width, all_ids.shape[1])
+        ids[:, -take:], mask[:, -take:] = all_ids[index_full, -take:], all_mask[index_full, -take:]
         key, sub = jax.random.split(key)
-        gen = np.asarray(generate(cfg, params, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
-                                  stop_tokens=stops, key=sub if temperature > 0 else None))
-        for b in range(n_real):
+        gen, entropy = generate(cfg, params, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                                stop_tokens=stops, key=sub if temperature > 0 else None, return_entropy=True)
+        gen, entropy = np.asarray(gen), np.asarray(entropy, np.float64)
+        for b, i in enumerate(index):
             row = gen[b].tolist()
-            cut = next((i for i, t in enumerate(row) if t in stops), len(row))
-            row = row[:cut]
-            out_ids.append(row)
-            out_texts.append(tokenizer.decode(row, skip_special_tokens=True))
-            out_prompt_ids.append(ids[b][mask[b] > 0].tolist())
+            cut = next((t for t, token in enumerate(row) if token in stops), len(row))
+            out_ids[i] = row[:cut]
+            out_texts[i] = tokenizer.decode(row[:cut], skip_special_tokens=True)
+            out_prompt_ids[i] = ids[b][mask[b] > 0].tolist()
+            out_entropy[i] = float(entropy[b, :cut].sum())
         if on_batch is not None:
             on_batch(n_real)
-    return Generations(list(prompts), out_texts, out_ids, out_prompt_ids)
+    return Generations(list(prompts), out_texts, out_ids, out_prompt_ids, out_entropy)
 
 
 def generation_entropy(cfg, params, generations: Generations, *, pad_id: int = 0, batch_size: int = 8,
                        on_batch=None) -> float:
     """Mean entropy (nats) of the model's next-token distribution at each generated position.
 
-    Teacher-forced on the model's own output, so for greedy decoding these are exactly the
-    distributions seen while generating: H̄ = Σ_{rows,t} H(p_t) / Σ_{rows} |generation|.
+    H̄ = Σ_{rows,t} H(p_t) / Σ_{rows} |generation|, H(p) = −Σ_v p_v log p_v. The p_t are the
+    distributions that produced the tokens: recorded during decoding when `generations.entropy` is
+    set (by `generate_samples` with these cfg, params), else teacher-forced on the model's own output
+    (for greedy decoding the same distributions, up to float rounding).
     """
+    if generations.entropy is not None:
+        tokens = sum(len(g) for g in generations.token_ids)
+        if on_batch is not None:
+            on_batch(len(generations.token_ids))
+        return float(sum(generations.entropy) / tokens) if tokens else float("nan")
     rows = [
         (p + g, [0] * len(p) + [1] * len(g))
         for p, g in zip(generations.prompt_ids, generations.token_ids)

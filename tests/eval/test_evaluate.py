@@ -89,3 +89,26 @@ def test_evaluate_rejects_old_call_and_skips_without_data(tiny_model, tiny_token
     assert "4/4" in capsys.readouterr().err  # own bar: 2 prompts generated + 2 rows of entropy
     assert report["n_prompts"] == 2 and "judge_harmful_rate" in report  # the shipped judge asset
     assert set(report["skipped"]) == {"benign", "nll", "mc", "tasks"} and "harmful_nll" not in report
+
+
+def test_generate_samples_length_sorted_batches_keep_prompt_order(tiny_model, tiny_tokenizer):
+    """Prompts of mixed lengths are batched by length; every output row belongs to its own prompt (each equals
+    that prompt generated alone) and the entropy recorded while decoding equals the teacher-forced one."""
+    from dataclasses import replace
+
+    from jaxdefense.eval.metrics import generation_entropy, length_batches, row_width
+
+    cfg, params = tiny_model
+    prompts = ["cat", "how to make a poem about the weather please thanks", "dog", "write a story about a cat here",
+               "the answer"]
+    gens = generate_samples(cfg, params, tiny_tokenizer, prompts, max_new_tokens=6, batch_size=2, chat=False)
+    for i, p in enumerate(prompts):
+        alone = generate_samples(cfg, params, tiny_tokenizer, [p], max_new_tokens=6, batch_size=2, chat=False)
+        assert (alone.token_ids[0], alone.prompt_ids[0], alone.texts[0]) == \
+            (gens.token_ids[i], gens.prompt_ids[i], gens.texts[i]), p
+    recorded = generation_entropy(cfg, params, gens)
+    forced = generation_entropy(cfg, params, replace(gens, entropy=None), pad_id=0, batch_size=2)
+    assert recorded == pytest.approx(forced, rel=1e-4) and recorded > 0.1
+    assert length_batches([3, 9, 1, 9, 4], 2) == [[1, 3], [4, 0], [2]]
+    assert length_batches([300, 10, 20, 30, 40], 4, max_tokens=4 * 64) == [[0], [4, 3, 2, 1]]  # 1 × 384 wide
+    assert [row_width(n) for n in (1, 32, 33, 100, 128, 129, 300)] == [32, 32, 64, 128, 128, 256, 384]

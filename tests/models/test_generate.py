@@ -7,7 +7,7 @@ import pytest
 
 from jaxdefense.errors import ConfigError
 from jaxdefense.models import forward, generate, init_params, named_config
-from jaxdefense.models.generate import _generate_jit
+from jaxdefense.models.generate import _generate_jit, _prefill_jit
 
 CFG = named_config("tiny-qwen2")  # biases + tied head; the cache path shares project_qkv with forward
 N_NEW = 12
@@ -44,13 +44,21 @@ def test_right_padding_equals_left_padding_and_one_compile_per_bucket(setup):
     for b in range(3):
         real = prompt[b][mask[b] > 0]
         right_ids[b, : real.size], right_mask[b, : real.size] = real, 1
-    cache_size = getattr(_generate_jit, "_cache_size", lambda: 0)
-    compiled = cache_size()
+    def compiles():
+        return _prefill_jit._cache_size(), _generate_jit._cache_size()
+
+    before = compiles()
     out = np.asarray(generate(CFG, params, right_ids, right_mask, max_new_tokens=N_NEW))
     np.testing.assert_array_equal(out, greedy)
     shorter = np.asarray(generate(CFG, params, prompt[:, 2:], mask[:, 2:], max_new_tokens=N_NEW - 3))
     assert shorter.shape == (3, N_NEW - 3)
-    assert cache_size() == compiled, "same (batch, prompt bucket, budget bucket) recompiled"
+    assert compiles() == before, "same (batch, prompt bucket, budget bucket) recompiled"
+    # a 40-token prompt: prompt bucket 64 (a new prefill), cache 64 + 16 → 128 as for bucket 32 (same decode loop)
+    long_prompt = np.random.default_rng(2).integers(3, CFG.vocab_size, size=(3, 40)).astype(np.int32)
+    long_out = np.asarray(generate(CFG, params, long_prompt, max_new_tokens=N_NEW))
+    assert compiles() == (before[0] + 1, before[1])
+    logits = forward(CFG, params, jnp.asarray(np.concatenate([long_prompt, long_out], axis=1)))
+    np.testing.assert_array_equal(np.asarray(jnp.argmax(logits[:, 39:-1], axis=-1)), long_out)
 
 
 def test_stop_tokens_then_pad(setup):
@@ -76,3 +84,30 @@ def test_sampling(setup):
     np.testing.assert_array_equal(np.asarray(nucleus_of_one), greedy)
     with pytest.raises(ConfigError, match="key"):
         generate(CFG, params, prompt, mask, max_new_tokens=4, temperature=1.0)
+
+
+def test_entropy_recorded_while_decoding_equals_teacher_forced(setup):
+    """return_entropy: H(softmax(z_t)) of the logits that produced token t, equal to the full forward pass's."""
+    params, prompt, mask, greedy = setup
+    out, entropy = generate(CFG, params, prompt, mask, max_new_tokens=N_NEW, return_entropy=True)
+    np.testing.assert_array_equal(np.asarray(out), greedy)
+    ids = np.concatenate([prompt, greedy], axis=1)
+    full_mask = np.concatenate([mask, np.ones_like(greedy)], axis=1)
+    logits = forward(CFG, params, jnp.asarray(ids), attention_mask=jnp.asarray(full_mask))[:, prompt.shape[1] - 1:-1]
+    z = np.asarray(logits, np.float64)
+    z = z - z.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    want = -(np.exp(logp) * logp).sum(-1)
+    assert entropy.shape == (3, N_NEW) and want.std() > 0.05
+    np.testing.assert_allclose(np.asarray(entropy), want, rtol=2e-4, atol=1e-5)
+
+
+def test_budget_edges_one_token_and_exact_bucket(setup):
+    """n new tokens take n − 1 decode steps: 1 token comes from the prefill alone; a budget equal to
+    its bucket (16) fills every slot; both are prefixes of a longer greedy run."""
+    params, prompt, mask, _ = setup
+    long = np.asarray(generate(CFG, params, prompt, mask, max_new_tokens=20))
+    one = np.asarray(generate(CFG, params, prompt, mask, max_new_tokens=1))
+    full = np.asarray(generate(CFG, params, prompt, mask, max_new_tokens=16))
+    np.testing.assert_array_equal(one, long[:, :1])
+    np.testing.assert_array_equal(full, long[:, :16])
