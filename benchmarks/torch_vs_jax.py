@@ -1,6 +1,7 @@
 """PyTorch + transformers vs jaxdefense: the SFT step, SEAM's estimator and the exact cosine gradient.
 
-`python -m benchmarks.torch_vs_jax [--quick] [--model smollm2-135m-instruct] [--torch-compile] --out DIR`
+`python -m benchmarks.torch_vs_jax [--quick] [--model smollm2-135m-instruct [--model-shape 2x64] [--model-only]]
+[--torch-compile] --out DIR`
 
 Three operations, each on the same weights (the jaxdefense params written with `save_hf` and
 loaded by `transformers.AutoModelForCausalLM`, eager attention, float32) and the same token
@@ -18,7 +19,11 @@ batches, timed in interleaved rounds in one process (medians after a warm-up cal
 The headline is jax / torch time per operation (goal ≤ 0.8, issue 13; docs/PERFORMANCE.md), and
 with --torch-compile also jax / torch.compile for the SFT step where inductor works here.
 Configs: "small" (named_config, batch 8 × 128, the PERFORMANCE.md peer) and, with --model, a
-named or HF model (e.g. SmolLM2-135M-Instruct at batch 4 × 128). Writes torch_vs_jax.json/.png.
+named or HF model (e.g. SmolLM2-135M-Instruct at batch 4 × 128, --model-shape to change it). A
+GGUF checkpoint (a pretrained name such as smollm2-135m-instruct, or a .gguf path) is loaded
+by each stack on its own: jaxdefense through `models.load_gguf`, transformers through
+`from_pretrained(dir, gguf_file=...)` (needs `gguf` and `accelerate`), so the agreement check
+also compares the two dequantisations. Writes torch_vs_jax.json/.png.
 """
 
 from __future__ import annotations
@@ -58,6 +63,17 @@ def torch_model(cfg, params, workdir: Path):
     save_hf(cfg, jax.device_get(params), workdir)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         workdir, dtype=torch.float32, attn_implementation="eager")
+    model.train()
+    return model
+
+
+def torch_model_from_gguf(path: Path):
+    """transformers' own load of a GGUF file (dequantised to float32), eager attention."""
+    import transformers
+
+    torch = _torch()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32, attn_implementation="eager", local_files_only=True)
     model.train()
     return model
 
@@ -179,13 +195,16 @@ def agreement(model, cfg, params, batch_a, batch_b) -> dict:
             "grad_norm": {"torch": float(torch.sqrt(sum((x * x).sum() for x in g_t))), "jax": float(tree_norm(g_j))}}
 
 
-def measure(name: str, cfg, params, shape, rounds: int, compile_sft: bool) -> dict:
+def measure(name: str, cfg, params, shape, rounds: int, compile_sft: bool, gguf: Path | None = None) -> dict:
     b, t = shape
     low = 3
     batch_a = lm_batch(uniform_tokens(0, b, t, low, cfg.vocab_size))
     batch_b = lm_batch(uniform_tokens(1, b, t, low, cfg.vocab_size))
-    with tempfile.TemporaryDirectory(prefix="torch_vs_jax-") as tmp:
-        model = torch_model(cfg, params, Path(tmp))
+    if gguf is not None:
+        model = torch_model_from_gguf(gguf)
+    else:
+        with tempfile.TemporaryDirectory(prefix="torch_vs_jax-") as tmp:
+            model = torch_model(cfg, params, Path(tmp))
     check = agreement(model, cfg, params, batch_a, batch_b)
     fns_t = torch_ops(model, batch_a, batch_b, compile_sft)
     extra = {k[1:]: fns_t.pop(k) for k in list(fns_t) if k.startswith("_")}
@@ -200,7 +219,8 @@ def measure(name: str, cfg, params, shape, rounds: int, compile_sft: bool) -> di
     return {"config": name, "batch": b, "seq": t, "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
             "timings": timings, "jax_over_torch": ratios,
             "sft_tokens_per_s": {k: tokens / timings[f"{k}/sft_step"]["median_s"] for k in ("jax", "torch")},
-            "goal": GOAL, "met": {k: v <= GOAL for k, v in ratios.items()}, "agreement": check, **extra}
+            "goal": GOAL, "met": {k: v <= GOAL for k, v in ratios.items()}, "agreement": check,
+            "torch_weights": "transformers GGUF load" if gguf is not None else "save_hf of the jax params", **extra}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -230,6 +250,8 @@ def main(argv=None) -> dict:
         p.add_argument("--model", default=None, help="also a named/HF model (e.g. smollm2-135m-instruct)")
         p.add_argument("--rounds", type=int, default=None, help="default 5, quick 2")
         p.add_argument("--torch-compile", action="store_true", help="also torch.compile's SFT step")
+        p.add_argument("--model-shape", default=None, help="batch x seq for --model (default 4x128)")
+        p.add_argument("--model-only", action="store_true", help="skip the small/tiny config")
 
     args = parse_args(__doc__.splitlines()[0], argv, extra)
     from jaxdefense.models import init_params, named_config
@@ -237,17 +259,21 @@ def main(argv=None) -> dict:
     rounds = args.rounds or (2 if args.quick else 5)
     results = {}
     name = "tiny" if args.quick else "small"
-    cfg = named_config(name)
-    results[name] = measure(name, cfg, init_params(cfg, jax.random.key(0)), SHAPES["quick" if args.quick else "small"],
-                            rounds, args.torch_compile)
+    if not (args.model and args.model_only):
+        cfg = named_config(name)
+        results[name] = measure(name, cfg, init_params(cfg, jax.random.key(0)),
+                                SHAPES["quick" if args.quick else "small"], rounds, args.torch_compile)
     if args.model:
         from jaxdefense.config import ModelSection
-        from jaxdefense.pipeline import build_model
+        from jaxdefense.pipeline import build_model, model_dir
 
-        cfg, params = build_model(ModelSection(path=args.model) if Path(args.model).exists()
-                                  else ModelSection(name=args.model), 0)
-        results[args.model] = measure(args.model, cfg, jax.tree.map(jnp.asarray, params), SHAPES["model"], rounds,
-                                      args.torch_compile)
+        section = ModelSection(path=args.model) if Path(args.model).exists() else ModelSection(name=args.model)
+        cfg, params = build_model(section, 0)
+        source = model_dir(section.path) if section.path is not None else None
+        shape = SHAPES["model"] if args.model_shape is None else tuple(int(x) for x in args.model_shape.split("x"))
+        results[args.model] = measure(args.model, cfg, jax.tree.map(jnp.asarray, params), shape, rounds,
+                                      args.torch_compile, gguf=source if source is not None and source.suffix == ".gguf"
+                                      else None)
     for k, r in results.items():
         print(f"[torch_vs_jax] {k}: " + ", ".join(f"{op} {v:.2f}x" for op, v in r["jax_over_torch"].items()),
               flush=True)
