@@ -152,7 +152,7 @@ def _flat(tree):
     return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
 
 
-@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("tied", [pytest.param(True, marks=pytest.mark.slow), False])
 def test_chunked_cross_entropy_equals_whole_logits_in_value_grad_and_jvp(params, monkeypatch, tied):
     """With T·V over LOGIT_CHUNK_ELEMENTS, lm_loss / token_nll run over token chunks (here 3 chunks
     of 6 for T = 16, the last one padded): loss, per-row NLL, gradient and jvp equal the one-chunk
@@ -182,16 +182,20 @@ def test_chunked_cross_entropy_equals_whole_logits_in_value_grad_and_jvp(params,
     np.testing.assert_allclose(float(chunked[0]), float(jnp.sum(nll * w) / jnp.sum(w)), rtol=1e-5)
 
 
-def test_remat_policies_keep_loss_and_gradient(params):
-    """cfg.remat "dots-saveable" and "everything" rematerialise each scanned layer: the loss and
-    gradient equal those of "none" (to float rounding); an unknown policy is a ConfigError."""
+def test_unknown_remat_policy_is_a_config_error():
     from jaxdefense.errors import ConfigError
 
+    with pytest.raises(ConfigError, match="remat"):
+        CFG.replace(remat="some")
+
+
+@pytest.mark.slow
+def test_remat_policies_keep_loss_and_gradient(params):
+    """cfg.remat "dots-saveable" and "everything" rematerialise each scanned layer: the loss and
+    gradient equal those of "none" (to float rounding)."""
     batch = _batch(CFG, key=6)
     ref = jax.jit(jax.value_and_grad(lambda q: lm_loss(CFG, q, batch)))(params)
     for policy in ("dots-saveable", "everything"):
         cfg = CFG.replace(remat=policy)
         out = jax.jit(jax.value_and_grad(lambda q: lm_loss(cfg, q, batch)))(params)
         np.testing.assert_allclose(_flat(out), _flat(ref), rtol=1e-5, atol=1e-7)
-    with pytest.raises(ConfigError, match="remat"):
-        CFG.replace(remat="some")

@@ -98,7 +98,8 @@ def test_sharded_forward_equals_single_device(shape):
     p_shard = param_shardings(tiny_params(), mesh)
     params = jax.device_put(tiny_params(), p_shard)
     ids_s, mask_s = jax.device_put((ids, mask), batch_sharding(mesh))
-    out = fwd(params, ids_s, mask_s)
+    with jax.set_mesh(mesh):  # the activation constraints apply under a mesh
+        out = jax.jit(lambda p, i, m: forward(TINY, p, i, attention_mask=m))(params, ids_s, mask_s)
     assert out.sharding.mesh.shape == mesh.shape
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
     assert float(jnp.max(jnp.abs(out - ref))) < 1e-4
