@@ -37,7 +37,7 @@ this port follows it:
   ``unlearning="log"`` drops the lens (−log(1+CE)); ``"ascent"`` is the paper's plain −CE.
 - Vocabulary projections (``jaxdefense.models.vocab.masked_state_ce``): every CE here (the
   lens terms, CE_final, L_up, g_a, g_b) projects only the positions that carry a target
-  (sorted to the front of each row, ``lens_chunk`` per row at a time, under
+  (sorted to the front, all hidden states pooled, ``lens_chunk`` rows at a time under
   ``jax.checkpoint``), so no [B,T,V] logits exist; the official code projects every position
   of every hidden state. Same value up to summation order.
 - One harmful forward: the decoder stack runs once on the harmful batch, its ``jax.vjp`` is
@@ -157,7 +157,7 @@ def unlearning_from_outputs(cfg, params, batch, logits, hidden, kind="logit_lens
       logits: [B,T,V] final logits; read only when hidden is None ("log"/"ascent").
       hidden: [L+1,B,T,D] from ``forward(return_hidden=True)`` (for "log"/"ascent" only
         hidden[-1] is read); the CEs then project only the masked positions.
-      chunk: positions per row per vocabulary projection (``models.vocab``).
+      chunk: rows per vocabulary projection (``models.vocab``).
     Returns:
       (L_ul, CE_final).
     """
@@ -206,7 +206,7 @@ class SEAM(Objective):
     benign_full_sequence: bool = field(True, doc="g_b over every real token (official) or loss_mask")
     perturb_dtype: str | None = field(None, choices=PERTURB_DTYPES)
     gamma: float = field(0.0, ge=0, doc="weight of a benign CE term γ·ℓ(benign) (not official; 0 = official)")
-    lens_chunk: int = field(DEFAULT_CHUNK, ge=1, doc="target positions per row per vocabulary projection")
+    lens_chunk: int = field(DEFAULT_CHUNK, ge=1, doc="rows (target position × hidden state) per vocabulary projection")
 
     def streams(self) -> dict[str, StreamSpec]:
         """Defender half of harmful_qa, the same prompts' refusals (paired), benign instructions."""

@@ -1,4 +1,4 @@
-"""Next-token NLL of several hidden states at the loss-mask targets only, chunked over positions.
+"""Next-token NLL of several hidden states at the loss-mask targets only, chunked over rows.
 
 For hidden states h_s [B,T,D] (s = 0..S−1; e.g. every layer's output for a logit lens, or just
 the last one for a plain LM loss) and target weights w[b,t] = loss_mask[b,t+1]:
@@ -6,29 +6,31 @@ the last one for a plain LM loss) and target weights w[b,t] = loss_mask[b,t+1]:
     sums[s] = Σ_{b,t} w[b,t] · (logsumexp_v z_s[b,t,v] − z_s[b,t,ids[b,t+1]]),
     z_s     = lm_head(final_norm(h_s)),                 count = Σ_{b,t} w[b,t]
 
-How it avoids projecting positions that carry no weight, with static shapes:
-- each row's positions are sorted stably so the weighted ones come first (a per-row argsort of
-  w == 0), and the hidden states are gathered in that order (one copy of `states`);
-- the sorted positions are cut into chunks of `chunk` positions per row (the last one padded
-  with weight 0), and a `lax.scan` runs over the (state, chunk) items; an item projects its
-  [B, chunk, D] slice through the vocabulary only if some row has a target in it (`lax.cond`),
-  so a batch whose rows have at most n targets does ⌈n/chunk⌉ projections per state, whatever
-  T is;
-- each item runs under `jax.checkpoint`, so the backward pass recomputes its [B, chunk, V]
-  logits instead of storing them: no [B,T,V] array exists, in the forward or the backward.
-The batch axis is never mixed, so batch sharding carries through. The result equals the
-full-vocabulary masked CE over `lm_head(final_norm(h_s))` up to the order of the sum.
+How it projects only the weighted positions, with static shapes:
+- the B·T positions are sorted stably so the weighted ones come first (an argsort of w == 0), and
+  the rows (position, state) are laid out position-major, so the first count·S rows are exactly
+  the weighted positions of every state (one gather of `states`);
+- the rows are cut into chunks of `chunk` rows (the last one padded with weight 0) and a
+  `lax.scan` runs over them; a chunk is projected through the vocabulary only if it holds a
+  weighted row (`lax.cond`), so a batch with n targets costs ⌈n·S/chunk⌉ projections of
+  [chunk, D] × [D, V], whatever B·T is, and all states share each projection;
+- each chunk runs under `jax.checkpoint`, so the backward pass recomputes its [chunk, V] logits
+  instead of storing them: no [B,T,V] array exists, in the forward or the backward.
+Rows of different sequences share a chunk, so under batch sharding the gather moves hidden states
+between devices. The result equals the full-vocabulary masked CE of `lm_head(final_norm(h_s))` up
+to the order of the sum.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxdefense.models.decoder import logits_from_hidden
 
-DEFAULT_CHUNK = 16
+DEFAULT_CHUNK = 256
 
 
 def shifted_targets(input_ids: jax.Array, loss_mask: jax.Array, dtype):
@@ -49,45 +51,43 @@ def masked_nll_sums(cfg, params, states: jax.Array, input_ids: jax.Array, loss_m
       states: [S,B,T,D] hidden states before the final norm.
       input_ids: [B,T] token ids; the target of position t is ids[t+1].
       loss_mask: [B,T]; position t's weight is loss_mask[t+1].
-      chunk: sorted positions per row projected through the vocabulary at once (static).
+      chunk: rows (position, state) projected through the vocabulary at once (static).
     Returns:
       sums [S] and count = Σ weights, both in float32 (float64 for float64 states).
     """
     S, B, T, D = states.shape
+    N = B * T
     acc = jnp.promote_types(states.dtype, jnp.float32)
     targets, weights = shifted_targets(input_ids, loss_mask, acc)
-    chunk = max(1, min(int(chunk), T))
-    n_chunks = -(-T // chunk)
-    pad = n_chunks * chunk - T
-
-    order = jnp.argsort((weights == 0).astype(jnp.int32), axis=1, stable=True)
-    w_sorted = jnp.take_along_axis(weights, order, axis=1)
-    t_sorted = jnp.take_along_axis(targets, order, axis=1)
-    if pad:
-        order = jnp.pad(order, ((0, 0), (0, pad)))
-        w_sorted = jnp.pad(w_sorted, ((0, 0), (0, pad)))
-        t_sorted = jnp.pad(t_sorted, ((0, 0), (0, pad)))
-    h_sorted = jnp.take_along_axis(states, order[None, :, :, None], axis=2)  # [S,B,Tp,D]
-
-    h_items = h_sorted.reshape(S, B, n_chunks, chunk, D).transpose(0, 2, 1, 3, 4).reshape(S * n_chunks, B, chunk, D)
-    w_items = jnp.tile(w_sorted.reshape(B, n_chunks, chunk).transpose(1, 0, 2), (S, 1, 1))
-    t_items = jnp.tile(t_sorted.reshape(B, n_chunks, chunk).transpose(1, 0, 2), (S, 1, 1))
+    w, t = weights.reshape(N), targets.reshape(N)
+    order = jnp.argsort((w == 0).astype(jnp.int32), stable=True)
+    rows = N * S
+    chunk = max(1, min(int(chunk), rows))
+    n_chunks = -(-rows // chunk)
+    r = np.arange(n_chunks * chunk)
+    position, state = np.minimum(r // S, N - 1), r % S
+    real = jnp.asarray(r < rows)
+    pos = order[position]
+    w_rows = jnp.where(real, w[pos], 0).reshape(n_chunks, chunk)
+    t_rows = t[pos].reshape(n_chunks, chunk)
+    h_rows = jnp.take(states.reshape(S * N, D), jnp.asarray(state) * N + pos, axis=0).reshape(n_chunks, chunk, D)
     head = {k: params[k] for k in ("final_norm", "embed", "lm_head") if k in params}
 
     def project(h, t, w):
         z = logits_from_hidden(cfg, head, h).astype(acc)
-        picked = jnp.take_along_axis(z, t[..., None], axis=-1)[..., 0]
-        return jnp.sum(w * (jax.nn.logsumexp(z, axis=-1) - picked))
+        picked = jnp.take_along_axis(z, t[:, None], axis=-1)[:, 0]
+        return w * (jax.nn.logsumexp(z, axis=-1) - picked)
 
     @jax.checkpoint
-    def item_sum(h, t, w):
-        return lax.cond(jnp.any(w != 0), project, lambda *_: jnp.zeros((), acc), h, t, w)
+    def chunk_nll(h, t, w):
+        return lax.cond(jnp.any(w != 0), project, lambda h, t, w: jnp.zeros(w.shape, acc), h, t, w)
 
     def body(carry, xs):
-        return carry, item_sum(*xs)
+        return carry, chunk_nll(*xs)
 
-    _, per_item = lax.scan(body, None, (h_items, t_items, w_items))
-    return per_item.reshape(S, n_chunks).sum(axis=1), jnp.sum(weights)
+    _, per_row = lax.scan(body, None, (h_rows, t_rows, w_rows))
+    sums = jnp.zeros((S,), acc).at[jnp.asarray(state)].add(per_row.reshape(-1))
+    return sums, jnp.sum(weights)
 
 
 def masked_state_ce(cfg, params, states: jax.Array, input_ids: jax.Array, loss_mask: jax.Array,
