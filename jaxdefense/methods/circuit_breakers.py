@@ -21,8 +21,23 @@ As implemented:
 x_s is the harmful QA stream (prompt and answer, every real token), x_r the benign
 instructions followed by refusals to defender-half harmful prompts (every real token).
 rep_orig comes from `frozen["base"]` (an argument of the step) under stop_gradient.
-At step 0 the adapters' B factors are zero, so every cosine is 1 (L_RR = 1 on every row)
-and L_retain = 0. Metrics: loss, l_rr, l_retain, c_cb, c_retain, cos_h<l> (mean cosine,
+At step 0 with B = 0 (b_init_std = 0, PEFT's init) every cosine is 1 (L_RR = 1 on every row)
+and L_retain = 0; with b_init_std = σ > 0, B ~ N(0, σ²) and the run starts off that point.
+
+The cos = 1 fixed point. With B = 0 the adapted model is the base (s·A·0 = 0 whatever a LoRA
+dropout mask does, so dropout cannot break the symmetry), and there ∇_x ReLU(cos(x, u)) =
+(û − (x̂·û)x̂)/‖x‖ = 0 at x = u, the L2 retain distance sits at its kink (gradient 0) and
+∂/∂A ∝ B = 0: the exact gradient is zero and the computed one is rounding residue. Adam turns
+any residue above its ε into an lr-sized step, after which the L2 term's gradient has constant
+magnitude c_retain (a kink, not a minimum of a smooth loss) and Adam keeps Δh at O(lr): the
+symmetry breaks by itself after a step or two in float32, float64 and (official mechanics, PEFT
+over a bf16 base) bf16 alike. What it does not guarantee is rerouting: near the fixed point
+1 − cos ≈ θ²/2 for the angle θ between h^cb and h^orig, so the rerouting pull falls linearly
+with θ (∝ c_cb·θ/‖h‖) while the L2 retain pull stays c_retain; whether the run leaves cos ≈ 1
+depends on c_cb/c_retain, on ‖h‖ and on how many hidden states each mean runs over (2 targets
+vs all states up to the deepest, official 22 of a 32-layer model: its retain weight per state is
+~1/22, here 1/depth). b_init_std sets θ at step 0 deterministically (not through the platform's
+rounding residue). Metrics: loss, l_rr, l_retain, c_cb, c_retain, cos_h<l> (mean cosine,
 before the ReLU, at each target on x_s). `layer_cosines` gives the per-layer cosine of two
 models on any batch (the held-out harmful prompts of the report).
 
@@ -38,8 +53,9 @@ port differs:
   tokens of hidden states 1..max l_j (the embedding output cannot move). Its cosine divides by
   ‖h‖ without an epsilon; here a zero norm is guarded.
 - Official LoRA: r16/α16 on q,k,v,o,gate,up,down of layers 0..max target, dropout 0.05 (no
-  dropout here); `layers_to_transform` matches the adapters here, which exist only for the
-  layers that are run. Llama-3-8B-Instruct, α = 10 (`lorra_alpha`), lr 1e-4, 150 steps, batch 16.
+  dropout here; with B = 0 it changes nothing, see above), PEFT's init (A kaiming-uniform,
+  B = 0: b_init_std = 0 here); `layers_to_transform` matches the adapters here, which exist
+  only for the layers that are run. Llama-3-8B-Instruct, α = 10 (`lorra_alpha`), lr 1e-4, 150 steps, batch 16.
 - Official retain data: UltraChat, XSTest borderline prompts and refusals; here benign
   instructions and refusals. Official circuit-breaker data: harmful request + harmful
   completion pairs, as the harmful QA stream here.
@@ -116,7 +132,8 @@ class CircuitBreakers(Objective):
 
     Hyperparameters: alpha (α, official 10), target_layers (fractions of depth, official
     10/32 and 20/32), total_steps (T of the schedule, official 150), retain_norm ("l2"
-    official | "squared" seed), rank / lora_alpha / targets (official r16, α16, all linear).
+    official | "squared" seed), rank / lora_alpha / targets (official r16, α16, all linear),
+    b_init_std (σ of B's N(0, σ²) init; official 0).
     """
 
     alpha: float = field(10.0, ge=0, doc="α of c_cb = α(1 − t/2T) and c_retain = α·t/2T")
@@ -126,6 +143,8 @@ class CircuitBreakers(Objective):
     rank: int = field(16, ge=1, doc="LoRA rank")
     lora_alpha: float = field(16.0, gt=0, doc="LoRA alpha (scale lora_alpha/rank)")
     targets: tuple[str, ...] = field(LORA_TARGETS, doc="adapted weights")
+    b_init_std: float = field(0.0, ge=0, doc="σ of the LoRA B init N(0, σ²); 0: PEFT's B = 0 (official), "
+                                             "> 0 breaks the cos = 1 fixed point")
 
     def __post_init__(self):
         super().__post_init__()
@@ -152,11 +171,16 @@ class CircuitBreakers(Objective):
         return self.lora_alpha / self.rank
 
     def init(self, params, key):
-        """(adapters {name: {a, b}} of layers 0..depth−1, {"base": params})."""
+        """(adapters {name: {a, b}} of layers 0..depth−1, {"base": params}); A ~ U(±1/√in), B = 0
+        or, with b_init_std = σ > 0, B ~ N(0, σ²) (key fold_in(key, 1))."""
         cfg = dataclasses.replace(self.require_cfg(), num_layers=self.depth())
         dtype = jax.tree.leaves(params)[0].dtype
-        adapters = lora_init(cfg, key, self.rank, self.lora_alpha, tuple(self.targets), dtype=dtype)
-        return adapters["layers"], {"base": params}
+        adapters = lora_init(cfg, key, self.rank, self.lora_alpha, tuple(self.targets), dtype=dtype)["layers"]
+        if self.b_init_std > 0:
+            keys = jax.random.split(jax.random.fold_in(key, 1), len(adapters))
+            adapters = {name: {"a": ab["a"], "b": self.b_init_std * jax.random.normal(k, ab["b"].shape, dtype)}
+                        for k, (name, ab) in zip(keys, sorted(adapters.items()))}
+        return adapters, {"base": params}
 
     def coefficients(self, step):
         """(c_cb, c_retain) at 0-based `step`: α(1 − t/2T), α·t/2T with t = step + 1."""

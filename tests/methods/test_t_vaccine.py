@@ -188,6 +188,16 @@ def test_train_step_leaves_unsampled_layers_bit_identical(params, data):
     assert any(drawn[i] != drawn[i + 1] for i in range(5)), drawn
 
 
+@pytest.mark.slow
+def test_lora_wrapped_update_leaves_unsampled_adapters_bit_identical(params, data):
+    m = LoRA(cfg=CFG, inner=TVaccine(cfg=CFG, gamma=1, switch_every=1), rank=4, alpha=8.0, targets=("wq", "wv"))
+    trainable, frozen = m.init(params, jax.random.key(3))
+    assert set(trainable) == {"wq", "wv"} and m.collects
+    batches = {i: _batches(data, i) for i in range(6)}
+    drawn, _ = _check_steps(m, trainable, frozen, batches.__getitem__, _layer_leaves)
+    assert any(d[0] for d in drawn) and any(d[1] for d in drawn), drawn
+
+
 class _Stream:
     def __init__(self, data, name):
         self.data, self.name = data, name
