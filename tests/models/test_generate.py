@@ -53,10 +53,10 @@ def test_right_padding_equals_left_padding_and_one_compile_per_bucket(setup):
     shorter = np.asarray(generate(CFG, params, prompt[:, 2:], mask[:, 2:], max_new_tokens=N_NEW - 3))
     assert shorter.shape == (3, N_NEW - 3)
     assert compiles() == before, "same (batch, prompt bucket, budget bucket) recompiled"
-    # a 40-token prompt: prompt bucket 64 (a new prefill), cache 64 + 16 → 128 as for bucket 32 (same decode loop)
+    # a 40-token prompt: prompt bucket 64, one new prefill and one new decode loop (cache 64 + 16)
     long_prompt = np.random.default_rng(2).integers(3, CFG.vocab_size, size=(3, 40)).astype(np.int32)
     long_out = np.asarray(generate(CFG, params, long_prompt, max_new_tokens=N_NEW))
-    assert compiles() == (before[0] + 1, before[1])
+    assert compiles() == (before[0] + 1, before[1] + 1)
     logits = forward(CFG, params, jnp.asarray(np.concatenate([long_prompt, long_out], axis=1)))
     np.testing.assert_array_equal(np.asarray(jnp.argmax(logits[:, 39:-1], axis=-1)), long_out)
 
