@@ -264,7 +264,7 @@ def forward(cfg: ModelConfig, params: dict, input_ids: jax.Array, *, attention_m
     return (logits, hidden) if return_hidden else logits
 
 
-def _shifted_targets(input_ids, loss_mask, dtype):
+def shifted_targets(input_ids, loss_mask, dtype):
     """Targets ids[t+1] and weights loss_mask[t+1] at each position t (weight 0 at t = T−1)."""
     B = input_ids.shape[0]
     targets = jnp.concatenate([input_ids[:, 1:], jnp.zeros((B, 1), input_ids.dtype)], axis=1)
@@ -275,7 +275,7 @@ def _shifted_targets(input_ids, loss_mask, dtype):
 def next_token_nll(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array):
     """nll[b,t] = logsumexp(z[b,t]) − z[b,t,ids[b,t+1]] and its weight loss_mask[b,t+1] (0 at t = T−1)."""
     dtype = _wide(logits.dtype)
-    targets, weights = _shifted_targets(input_ids, loss_mask, dtype)
+    targets, weights = shifted_targets(input_ids, loss_mask, dtype)
     logits = logits.astype(dtype)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return jax.nn.logsumexp(logits, axis=-1) - picked, weights
@@ -309,7 +309,7 @@ def _nll_from_stack(cfg: ModelConfig, params: dict, x: jax.Array, input_ids, los
     weight enters the map in ≥ float32, so its gradient accumulates over chunks in float32.
     """
     dtype = _wide(x.dtype)
-    targets, weights = _shifted_targets(input_ids, loss_mask, dtype)
+    targets, weights = shifted_targets(input_ids, loss_mask, dtype)
     h = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     w = _head_weight(cfg, params)
     B, T, D = h.shape

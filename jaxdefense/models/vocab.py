@@ -28,17 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxdefense.models.decoder import logits_from_hidden
+from jaxdefense.models.decoder import logits_from_hidden, shifted_targets
 
 DEFAULT_CHUNK = 256
-
-
-def shifted_targets(input_ids: jax.Array, loss_mask: jax.Array, dtype):
-    """Targets ids[b,t+1] and weights loss_mask[b,t+1] at each position t (weight 0 at t = T−1)."""
-    B = input_ids.shape[0]
-    targets = jnp.concatenate([input_ids[:, 1:], jnp.zeros((B, 1), input_ids.dtype)], axis=1)
-    weights = jnp.concatenate([loss_mask[:, 1:].astype(dtype), jnp.zeros((B, 1), dtype)], axis=1)
-    return targets, weights
 
 
 def masked_nll_sums(cfg, params, states: jax.Array, input_ids: jax.Array, loss_mask: jax.Array,
