@@ -8,13 +8,13 @@ from jaxdefense.errors import CheckpointError
 from jaxdefense.models.config import ModelConfig, config_from_hf, config_to_hf, named_config
 from jaxdefense.models.decoder import forward, lm_loss, next_token_nll, token_nll
 from jaxdefense.models.generate import generate, generate_text
-from jaxdefense.models.gguf import load_gguf, load_gguf_tokenizer
+from jaxdefense.models.gguf import load_gguf
 from jaxdefense.models.hf import load_hf, save_hf
 from jaxdefense.models.layout import WEIGHTS, init_params, param_axes, param_shapes
 from jaxdefense.models.lora import lora_init
 from jaxdefense.models.lora import merge as lora_merge
 from jaxdefense.models.pretrained import PRETRAINED, is_pretrained, pretrained_path
-from jaxdefense.models.tokenizer import load_tokenizer
+from jaxdefense.models.tokenizer import load_gguf_tokenizer, load_tokenizer
 
 __all__ = [
     "CheckpointError", "ModelConfig", "PRETRAINED", "WEIGHTS", "config_from_hf", "config_to_hf", "forward", "generate",

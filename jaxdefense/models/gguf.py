@@ -26,7 +26,6 @@ through transformers' own GGUF conversion, whose reader imports torch.
 
 from __future__ import annotations
 
-import importlib.util
 import mmap
 import struct
 from pathlib import Path
@@ -261,25 +260,3 @@ def load_gguf(path, dtype=jnp.float32) -> tuple[ModelConfig, dict]:
         else:
             host["layers"][name][layer] = value
     return cfg, jax.tree.map(jnp.asarray, host)
-
-
-def load_gguf_tokenizer(path):
-    """transformers PreTrainedTokenizerFast from a GGUF file's tokenizer.ggml.* and chat template, offline.
-
-    Byte-level BPE vocabularies ("gpt2") are built without torch (`models.tokenizer.tokenizer_from_gguf`);
-    other tokenizer models use transformers' GGUF conversion, which needs torch.
-    """
-    from jaxdefense.models.tokenizer import BYTE_LEVEL_MODELS, tokenizer_from_gguf
-
-    path = Path(path)
-    meta = read_gguf_metadata(path)
-    if meta.get("tokenizer.ggml.model") in BYTE_LEVEL_MODELS:
-        return tokenizer_from_gguf(meta, path)
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
-    except (OSError, ValueError, KeyError, ImportError) as err:
-        hint = "" if importlib.util.find_spec("torch") else "; transformers' GGUF conversion imports torch: pip install torch"
-        raise CheckpointError(f"{path}: cannot build a tokenizer from the GGUF metadata "
-                              f"(tokenizer.ggml.model {meta.get('tokenizer.ggml.model')!r}: {err}){hint}") from err

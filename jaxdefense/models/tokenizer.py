@@ -42,8 +42,6 @@ def load_tokenizer(path):
     """AutoTokenizer from a local directory or a .gguf file (its metadata), never touching the network."""
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
-        from jaxdefense.models.gguf import load_gguf_tokenizer
-
         return load_gguf_tokenizer(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: tokenizer directory does not exist")
@@ -114,3 +112,27 @@ def tokenizer_from_gguf(meta: dict, path="GGUF"):
         add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
         add_eos_token=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
         clean_up_tokenization_spaces=False)
+
+
+def load_gguf_tokenizer(path):
+    """transformers PreTrainedTokenizerFast from a GGUF file's tokenizer.ggml.* and chat template, offline.
+
+    Byte-level BPE vocabularies ("gpt2") are built without torch (`models.tokenizer.tokenizer_from_gguf`);
+    other tokenizer models use transformers' GGUF conversion, which needs torch.
+    """
+    import importlib.util
+
+    from jaxdefense.models.gguf import read_gguf_metadata
+
+    path = Path(path)
+    meta = read_gguf_metadata(path)
+    if meta.get("tokenizer.ggml.model") in BYTE_LEVEL_MODELS:
+        return tokenizer_from_gguf(meta, path)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    except (OSError, ValueError, KeyError, ImportError) as err:
+        hint = "" if importlib.util.find_spec("torch") else "; transformers' GGUF conversion imports torch: pip install torch"
+        raise CheckpointError(f"{path}: cannot build a tokenizer from the GGUF metadata "
+                              f"(tokenizer.ggml.model {meta.get('tokenizer.ggml.model')!r}: {err}){hint}") from err
