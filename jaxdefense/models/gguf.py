@@ -63,13 +63,19 @@ def read_gguf_metadata(path) -> dict:
     Values are Python ints/floats/bools/strs, arrays are lists. Unlike `gguf.GGUFReader`, no
     per-element numpy views are built, so the 49k-entry token and merge lists parse in well under a second.
     """
+    path = _checked_file(path)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        return _parse_header(data, path)[0]
+
+
+def _checked_file(path) -> Path:
+    """`path` as a Path; CheckpointError if it is missing or too short to hold a GGUF header."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: GGUF file does not exist")
     if path.stat().st_size < 24:
         raise CheckpointError(f"{path}: not a GGUF file ({path.stat().st_size} bytes)")
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        return _parse_header(data, path)[0]
+    return path
 
 
 def read_gguf_tensors(path) -> tuple[dict, dict]:
@@ -80,11 +86,7 @@ def read_gguf_tensors(path) -> tuple[dict, dict]:
     """
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: GGUF file does not exist")
-    if path.stat().st_size < 24:
-        raise CheckpointError(f"{path}: not a GGUF file ({path.stat().st_size} bytes)")
+    path = _checked_file(path)
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
         meta, infos, start = _parse_header(data, path, tensors=True)
     raw = np.memmap(path, np.uint8, mode="r")
