@@ -27,8 +27,9 @@ distinct set, cached. With S static the step differentiates only what the set ne
     pass 2 = ∂/∂θ_S of the same stack, the other layers' weights constant
 
 so neither pass stores activations or runs a backward below lo, and no weight gradient is
-computed outside S; the layers from lo up run as scanned segments (runs of layers in S take their
-weights from the differentiated θ_S). `grads` is params-shaped (zeros outside S: the saving is in
+computed outside S; the layers from lo up run as segments, each a `decoder_stack` layer range
+chained through the residual stream (so the stack's activation sharding constraints and
+`cfg.remat` apply; runs of layers in S take their weights from the differentiated θ_S). `grads` is params-shaped (zeros outside S: the saving is in
 activations and backward work, not in the grads or optimiser state) with UPDATE_MASK
 keeping everything outside S bit-identical through the step (zero gradients alone would still
 move them under AdamW's momentum and weight decay). Under the run's `lora` wrapper the mask
@@ -78,8 +79,7 @@ from jaxdefense.config import field
 from jaxdefense.data.specs import StreamSpec
 from jaxdefense.errors import ConfigError
 from jaxdefense.methods.vaccine import hidden_grads, perturbation
-from jaxdefense.models.decoder import (_nll_from_stack, causal_mask, decoder_layer, positions_from_mask, rope_table,
-                                       scan_unroll)
+from jaxdefense.models.decoder import _nll_from_stack, decoder_stack
 from jaxdefense.objective import CARRY, STATIC, STEP, UPDATE_MASK, Objective, Static
 from jaxdefense.registry import register_method
 
@@ -142,33 +142,22 @@ def segments(layers: tuple[int, ...], num_layers: int) -> list[tuple[int, int, b
 def set_loss(cfg, params, batch, layers: tuple[int, ...], sub, eps):
     """CE of `batch` with the layers in `layers` (sorted) taking weights `sub` (stacked [γ, ...])
     and adding eps [γ,B,T,D] to their outputs; every other weight is params' (constant). The
-    layers below min(layers) run under stop_gradient."""
+    layers below min(layers) run under stop_gradient. Each segment is a `decoder_stack` layer
+    range (its sharding constraints and `cfg.remat`), chained through the residual stream."""
     ids, attention = batch["input_ids"], batch.get("attention_mask")
-    if attention is None:
-        attention = jnp.ones(ids.shape, jnp.int32)
-    rope, mask = rope_table(cfg, positions_from_mask(attention)), causal_mask(attention)
-    unroll = scan_unroll(cfg)
-
-    def run(x, weights, perturb=None):
-        def body(x, inputs):
-            p, d = inputs
-            x, _ = decoder_layer(cfg, p, x, rope, mask)
-            return (x if d is None else x + d.astype(x.dtype)), None
-
-        return lax.scan(body, x, (weights, perturb), unroll=unroll)[0]
-
-    x = jnp.take(params["embed"], ids, axis=0)
-    lo, frozen_layers = layers[0], params["layers"]
+    lo = layers[0]
+    x = None
     if lo > 0:
-        x = lax.stop_gradient(run(x, jax.tree.map(lambda w: w[:lo], frozen_layers)))
-    j = 0
+        x = lax.stop_gradient(decoder_stack(cfg, params, ids, attention, layers=(0, lo))[0])
+    chosen_params, j = {**params, "layers": sub}, 0
     for start, end, chosen in segments(layers, cfg.num_layers):
         if chosen:
             n = end - start
-            x = run(x, jax.tree.map(lambda w: w[j:j + n], sub), eps[j:j + n])
+            x = decoder_stack(cfg, chosen_params, ids, attention, hidden_perturb=eps, start_hidden=x,
+                              layers=(j, j + n))[0]
             j += n
         else:
-            x = run(x, jax.tree.map(lambda w: w[start:end], frozen_layers))
+            x = decoder_stack(cfg, params, ids, attention, start_hidden=x, layers=(start, end))[0]
     nll, weights = _nll_from_stack(cfg, params, x, ids, batch["loss_mask"])
     return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 

@@ -217,16 +217,43 @@ def constrain_params(params: dict) -> dict:
 
 
 def decoder_stack(cfg: ModelConfig, params: dict, input_ids: jax.Array, attention_mask=None, lora=None,
-                  hidden_perturb=None, return_hidden: bool = False):
-    """Residual stream after the last layer [B,T,D] (pre final norm) and, if asked, all of them."""
-    B, T = input_ids.shape
+                  hidden_perturb=None, return_hidden: bool = False, *, start_hidden=None, layers=None):
+    """Residual stream after the last layer run [B,T,D] (pre final norm) and, if asked, all of them.
+
+    Args:
+      input_ids: [B,T] token ids, embedded as the stream entering the first layer run; may be
+        None when start_hidden is given.
+      attention_mask: [B,T] (1 real, 0 pad); positions come from its cumsum.
+      lora: {"layers": {name: {"a": [L,...], "b": [L,...]}}, "scale": s}, merged per layer.
+      hidden_perturb: [L,B,T,D] added to each layer's output.
+      layers: static (lo, hi): run only layers lo..hi−1, slicing params["layers"], lora["layers"]
+        and hidden_perturb [lo:hi] on their leading (layer) axis; default every layer stacked
+        in params["layers"]. Running [0, k) then [k, L) from the first run's output is the
+        whole stack.
+      start_hidden: [B,T,D] residual stream entering layer lo (default the embedding of input_ids).
+    Returns:
+      (x [B,T,D], hidden [hi−lo+1,B,T,D] or None): the stream entering layer lo, then each run
+      layer's output (after its perturbation).
+    """
+    n_stacked = jax.tree.leaves(params["layers"])[0].shape[0]
+    lo, hi = (0, n_stacked) if layers is None else layers
+    if not 0 <= lo <= hi <= n_stacked:
+        raise ValueError(f"decoder_stack layers: ({lo}, {hi}) is not a range within the {n_stacked} stacked layers")
+    B, T = (input_ids if start_hidden is None else start_hidden).shape[:2]
     params = constrain_params(params)
     if attention_mask is None:
         attention_mask = jnp.ones((B, T), jnp.int32)
     rope = rope_table(cfg, positions_from_mask(attention_mask))
     mask = constrain(causal_mask(attention_mask), (*rules.TOKENS, None))
-    x = constrain(jnp.take(params["embed"], input_ids, axis=0), rules.RESIDUAL)
-    lora_layers = None if lora is None else lora["layers"]
+    if start_hidden is None:
+        x = constrain(jnp.take(params["embed"], input_ids, axis=0), rules.RESIDUAL)
+    else:
+        x = constrain(start_hidden, rules.RESIDUAL)
+
+    def in_range(stacked):
+        return stacked if (lo, hi) == (0, n_stacked) else jax.tree.map(lambda w: w[lo:hi], stacked)
+
+    lora_layers = None if lora is None else in_range(lora["layers"])
     lora_scale = None if lora is None else lora["scale"]
 
     def layer(x, layer_inputs):
@@ -244,7 +271,7 @@ def decoder_stack(cfg: ModelConfig, params: dict, input_ids: jax.Array, attentio
         x = layer(x, layer_inputs)
         return x, (x if return_hidden else None)
 
-    x_out, hidden = lax.scan(body, x, (params["layers"], lora_layers, hidden_perturb),
+    x_out, hidden = lax.scan(body, x, (in_range(params["layers"]), lora_layers, in_range(hidden_perturb)),
                              unroll=scan_unroll(cfg))
     return x_out, (jnp.concatenate([x[None], hidden], axis=0) if return_hidden else None)
 

@@ -199,3 +199,39 @@ def test_remat_policies_keep_loss_and_gradient(params):
         cfg = CFG.replace(remat=policy)
         out = jax.jit(jax.value_and_grad(lambda q: lm_loss(cfg, q, batch)))(params)
         np.testing.assert_allclose(_flat(out), _flat(ref), rtol=1e-5, atol=1e-7)
+
+
+
+@pytest.mark.parametrize("with_grads", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_layer_ranges_chained_through_the_stream_equal_the_whole_stack(with_grads):
+    """decoder_stack over [0, 1) then [1, 3) from that output (LoRA with non-zero b, per-layer
+    perturbations, remat "dots-saveable", padding) gives the whole stack's output and hidden
+    states, and (slow) its gradients w.r.t. params, adapters and perturbations."""
+    from jaxdefense.models.decoder import decoder_stack
+
+    cfg = CFG.replace(num_layers=3, remat="dots-saveable")
+    p = init_params(cfg, jax.random.key(11))
+    batch = _batch(cfg, key=12)
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    lora = lora_init(cfg, jax.random.key(13), rank=2, alpha=6.0, targets=("wq", "w_up"))
+    lora["layers"] = jax.tree.map(lambda x: x + 0.07, lora["layers"])  # non-zero b; a differs per layer
+    perturb = 0.3 * jax.random.normal(jax.random.key(14), (3, B, T, cfg.hidden_size))
+    probe = jax.random.normal(jax.random.key(15), (B, T, cfg.hidden_size))
+
+    def whole(p, lora, perturb):
+        x, hidden = decoder_stack(cfg, p, ids, attn, lora, perturb, return_hidden=True)
+        return jnp.sum(x * probe), hidden
+
+    def chained(p, lora, perturb):
+        x, low = decoder_stack(cfg, p, ids, attn, lora, perturb, return_hidden=True, layers=(0, 1))
+        x, high = decoder_stack(cfg, p, None, attn, lora, perturb, return_hidden=True, start_hidden=x, layers=(1, 3))
+        assert low.shape[0] == 2 and high.shape[0] == 3
+        return jnp.sum(x * probe), jnp.concatenate([low, high[1:]], axis=0)
+
+    run = (lambda f: jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)) if with_grads else (lambda f: f)
+    ref = jax.jit(run(whole))(p, lora, perturb)
+    got = jax.jit(run(chained))(p, lora, perturb)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
+    with pytest.raises(ValueError, match=r"decoder_stack layers: \(2, 4\)"):
+        decoder_stack(cfg, p, ids, attn, layers=(2, 4))
