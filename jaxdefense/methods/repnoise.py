@@ -38,6 +38,10 @@ Where the official code differs:
   covers nearly every position; here both share the formatted prompt (the intended reading, as
   in SEAM's port). The logit-lens CE and its `masked_token_ce_loss` quirks are SEAM's (see
   jaxdefense/methods/seam.py).
+- It projects every position of every hidden state onto the vocabulary; here every CE
+  (CE_harmless, CE_final and the lens terms) projects only the target positions
+  (`models.vocab.masked_state_ce`, as in SEAM), so no [B,T,V] logits exist: the same value up
+  to the order of the sum.
 - Its noise is `torch.randn_like` per layer at every step; here one draw per step from the
   step's key (the same distribution).
 - The README calls the code incomplete and asks for a grid search over lr, α, β; the CTRAP repo's
@@ -56,10 +60,10 @@ from jax import lax
 from jaxdefense.config import field
 from jaxdefense.curvature import tree_norm
 from jaxdefense.data.specs import StreamSpec
-from jaxdefense.methods.seam import UNLEARNING, masked_ce, seam_loss_masks, unlearning_from_outputs
-from jaxdefense.models import forward
-from jaxdefense.models.decoder import (attend, causal_mask, dense, mlp, positions_from_mask, project_qkv,
-                                       rms_norm, rope_table)
+from jaxdefense.methods.seam import UNLEARNING, seam_loss_masks, unlearning_from_outputs
+from jaxdefense.models.decoder import (attend, causal_mask, decoder_stack, dense, mlp, positions_from_mask,
+                                       project_qkv, rms_norm, rope_table)
+from jaxdefense.models.vocab import masked_state_ce
 from jaxdefense.objective import Objective
 from jaxdefense.registry import register_method
 
@@ -93,7 +97,7 @@ def noise_loss(reps, mask, noise, kernel_mul: float = 2.0, kernel_num: int = 5):
 
 def mlp_outputs(cfg, params, hidden, attention_mask):
     """[L,B,T,D] MLP output of every layer, recomputed from each layer's input hidden[l]
-    (hidden [L+1,B,T,D] from `forward(return_hidden=True)` without hidden_perturb)."""
+    (hidden [L+1,B,T,D] from `decoder_stack(return_hidden=True)` without hidden_perturb)."""
     rope = rope_table(cfg, positions_from_mask(attention_mask))
     mask = causal_mask(attention_mask)
 
@@ -141,14 +145,14 @@ class RepNoise(Objective):
     def loss(self, params, adversarial, alignment, key):
         """(loss, aux) with aux = (CE_harmless, noise, L_ul, CE_final on harmful)."""
         cfg = self.require_cfg()
-        logits, hidden = forward(cfg, params, adversarial["input_ids"], attention_mask=adversarial["attention_mask"],
-                                 return_hidden=True)
-        l_ul, ce_harmful = unlearning_from_outputs(cfg, params, adversarial, logits, hidden, self.unlearning)
+        _, hidden = decoder_stack(cfg, params, adversarial["input_ids"], adversarial["attention_mask"],
+                                  return_hidden=True)
+        l_ul, ce_harmful = unlearning_from_outputs(cfg, params, adversarial, None, hidden, self.unlearning)
         reps = self.representations(params, adversarial, hidden)
         noise = jax.random.normal(key, reps.shape, jnp.promote_types(reps.dtype, jnp.float32))
         l_noise = noise_loss(reps, adversarial["loss_mask"], noise, self.kernel_mul, self.kernel_num)
-        harmless_logits = forward(cfg, params, alignment["input_ids"], attention_mask=alignment["attention_mask"])
-        l_harmless = masked_ce(harmless_logits, alignment["input_ids"], alignment["loss_mask"])
+        x_harmless, _ = decoder_stack(cfg, params, alignment["input_ids"], alignment["attention_mask"])
+        l_harmless = masked_state_ce(cfg, params, x_harmless[None], alignment["input_ids"], alignment["loss_mask"])[0]
         loss = l_harmless + self.beta * l_noise + self.alpha * l_ul
         return loss, (l_harmless, l_noise, l_ul, ce_harmful)
 

@@ -163,6 +163,31 @@ def test_update_is_the_float64_gradient_of_the_official_loss(params, data, repre
         assert float(tree_norm(jax.tree.map(jnp.subtract, got, other))) > 1e-6 * float(tree_norm(got))
 
 
+
+def _shapes(jaxpr):
+    """Every aval shape in a jaxpr and the jaxprs nested in its equations (scan, cond, checkpoint)."""
+    out = set()
+    for eqn in jaxpr.eqns:
+        out.update(tuple(v.aval.shape) for v in eqn.outvars)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    out |= _shapes(inner)
+    return out
+
+
+def test_update_traces_no_bt_v_logits(params, data):
+    """Every CE of the update projects only the target positions (`models.vocab`): no [B,T,V]
+    array is traced in RepNoise's grad, while `_official_loss` (forward logits, full-vocabulary
+    masked CE) has one. Its value equals that loss: test_update_is_the_float64_gradient_of_the_official_loss."""
+    batches, key = _jnp(data.batches(5)), jax.random.key(8)
+    m = RepNoise(cfg=CFG, alpha=0.6, beta=0.7)
+    full_shape = (*batches["adversarial"]["input_ids"].shape, CFG.vocab_size)
+    official = jax.make_jaxpr(jax.grad(lambda p: _official_loss(p, batches, key, 0.6, 0.7, "mlp")))(params)
+    assert full_shape in _shapes(official.jaxpr)
+    assert full_shape not in _shapes(jax.make_jaxpr(m.grad)(params, batches, key).jaxpr)
+
 @pytest.mark.slow
 def test_short_run_raises_the_harmful_ce_and_lowers_the_refusal_ce(params, data):
     """25 steps of Adam 1e-3 at β = 1: the harmful CE rises (the logit-lens ascent), the refusal CE falls.
