@@ -382,6 +382,16 @@ class ModelSection:
 
 
 @dataclasses.dataclass
+class MixSection:
+    """Records of another source appended to a stream (before its shuffle); split/half default to the stream's."""
+
+    source: str = field(doc="data stream/source name, e.g. refusal")
+    split: str | None = field(None, choices=("train", "validation", "test", "all"))
+    half: str | None = field(None, choices=HALVES, doc="defender/attacker half of the prompts")
+    limit: int | None = field(None, ge=1, doc="first N records of it (fixed shuffle)")
+
+
+@dataclasses.dataclass
 class StreamSection:
     """Run settings of one data stream; None keeps what the method's spec (or `data`) says."""
 
@@ -392,6 +402,8 @@ class StreamSection:
     max_len: int | None = field(None, ge=2, doc="tokens per row (padded/truncated)")
     limit: int | None = field(None, ge=1, doc="use only the first N records of the split (fixed shuffle)")
     options: dict[str, Any] = field({}, doc="extra make_batches options: pack, shuffle")
+    mix: list[MixSection] = field([], doc="other sources whose records join this stream's (e.g. refusals "
+                                          "mixed into benign SFT); not for paired streams")
 
 
 @dataclasses.dataclass

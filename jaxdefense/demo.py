@@ -3,11 +3,16 @@ model, evaluate every model with one protocol, and report (stdout table, report.
 PNG plots, samples).
 
 The demo is a list of pipeline runs plus the comparison report (jaxdefense/configs/demo.yaml):
-  1. `pipeline.immunize` for every entry of `defences` (SEAM by default) from the base model;
-  2. `pipeline.attack` of every entry of `attacks` on the base model ("none") and on every
+  0. `base`: the embedded model, an HF directory, a .gguf file or a named pretrained model
+     (`models.PRETRAINED`, e.g. smollm2-135m-instruct); with an `align` section, `pipeline.immunize`
+     of that run (e.g. SFT on refusals + benign instructions) from it, whose result is the
+     undefended model "none" that every defence and attack starts from (the loaded base is then
+     evaluated too, as the row defence = "base");
+  1. `pipeline.immunize` for every entry of `defences` (SEAM by default) from the "none" model;
+  2. `pipeline.attack` of every entry of `attacks` on the "none" model and on every
      defended model: held-out benign/harmful NLL and refusal rate after each attack step;
   3. `pipeline.evaluate` of every model (before and after each attack): refusal rate, judge
-     harmful rate, over-refusal on benign prompts, harmful/benign NLL, distinct-2;
+     harmful rate, over-refusal on benign prompts, harmful/benign NLL, distinct-2, multiple choice;
   4. cos(g_a, g_b) between the harmful and benign gradients on held-out batches, before and after.
 Each run is a partial run config laid over `common`, written to its own directory under --out
 (config.yaml, metrics.jsonl, checkpoints/, hf/, eval.jsonl / report.*). One progress bar spans
@@ -57,9 +62,13 @@ class GeometrySection:
 class DemoConfig:
     """Runs as partial run configs (`pipeline.RunConfig` mappings), checked when the demo starts."""
 
-    base: str | None = field(None, doc="HF model directory (default: the embedded jaxdefense/assets/base)")
+    base: str | None = field(None, doc="HF model directory, .gguf file or pretrained model name "
+                                       "(default: the embedded jaxdefense/assets/base)")
     common: dict[str, Any] = field({}, doc="partial run config laid under every run")
+    align: dict[str, Any] = field({}, doc="partial immunize config run from the base first (empty: none); its "
+                                          "result is the undefended model 'none'. method defaults to {name: sft}")
     defence_defaults: dict[str, Any] = field({}, doc="partial immunize config laid under every defence (optimizer, steps)")
+    attack_defaults: dict[str, Any] = field({}, doc="partial attack config laid under every attack (steps, data)")
     defences: dict[str, dict[str, Any]] = field(
         {}, doc="name → partial immunize config; method defaults to {name: <name>}. "
                 "--set defences=[a,b] runs those registered methods, with the settings here where there are some")
@@ -77,20 +86,32 @@ class DemoPlan:
     defences: dict[str, Any]
     attacks: dict[str, Any]
     evaluation: Any
+    align: Any = None
 
 
 def load_demo_config(path=None, overrides=(), quick: bool = False) -> DemoConfig:
-    """demo.yaml (or `path`), with its `quick` section laid over it when `quick`, then --set overrides."""
+    """demo.yaml (or `path`), with its `quick` section laid over it when `quick`, then --set overrides.
+
+    `defences` or `attacks` given as a list of names (in `quick` or by --set) selects those entries,
+    with the settings the mappings before gave them; a defence without settings is the registered
+    method of that name, an attack name must be one of the config's."""
     from jaxdefense.config import apply_overrides
 
     data = read_yaml(path or DEFAULT_CONFIG)
+    settings = {k: dict(data.get(k) or {}) for k in ("defences", "attacks")}
     if quick:
-        data = deep_merge(data, data.get("quick") or {})
-    settings = data.get("defences") or {}
+        layer = data.get("quick") or {}
+        for k in settings:
+            if isinstance(layer.get(k), dict):
+                settings[k] = deep_merge(settings[k], layer[k])
+        data = deep_merge(data, layer)
     data = apply_overrides(data, overrides)
-    if isinstance(data.get("defences"), (list, tuple)):
-        names = [str(n) for n in data["defences"]]
-        data["defences"] = {n: settings.get(n) or {} for n in names}
+    for k, known in settings.items():
+        if isinstance(data.get(k), (list, tuple)):
+            names = [str(n) for n in data[k]]
+            if k == "attacks" and (unknown := [n for n in names if n not in known]):
+                raise ConfigError(f"attacks.{unknown[0]}: not an attack of this config ({', '.join(known)})")
+            data[k] = {n: known.get(n) or {} for n in names}
     return from_dict(DemoConfig, data)
 
 
@@ -119,13 +140,18 @@ def plan(cfg: DemoConfig) -> DemoPlan:
         defences[name] = build(f"defences.{name}", partial, cfg.defence_defaults)
     attacks = {}
     for name, partial in cfg.attacks.items():
-        attacks[name] = build(f"attacks.{name}", partial, {"eval": cfg.curves})
+        attacks[name] = build(f"attacks.{name}", partial, deep_merge(cfg.attack_defaults, {"eval": cfg.curves}))
         if attacks[name].attack is None:
             raise ConfigError(f"attacks.{name}.attack: required")
     if not defences or not attacks:
         raise ConfigError("defences / attacks: the demo needs at least one of each")
     evaluation = build("eval", {"eval": cfg.eval}, {})
-    return DemoPlan(defences, attacks, evaluation)
+    align = None
+    if cfg.align:
+        partial = dict(cfg.align)
+        partial.setdefault("method", {"name": "sft"})
+        align = build("align", partial, {})
+    return DemoPlan(defences, attacks, evaluation, align)
 # ---------------------------------------------------------------- verdicts
 
 
@@ -223,11 +249,12 @@ def _fmt(v) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = ["defence", "attack", "lr", *ROW_FIELDS]
+    fields = row_fields(rows)
+    head = ["defence", "attack", "lr", *fields]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lr = "–" if r["lr"] is None else f"{r['lr']:g}"
-        lines.append("| " + " | ".join([r["defence"], r["attack"], lr] + [_fmt(r.get(k)) for k in ROW_FIELDS]) + " |")
+        lines.append("| " + " | ".join([r["defence"], r["attack"], lr] + [_fmt(r.get(k)) for k in fields]) + " |")
     return "\n".join(lines)
 
 
@@ -345,9 +372,10 @@ def report_markdown(report: dict) -> str:
     v, g = report["verdict"], report["geometry"]
     name = v["defence"]
     lines = [
-        f"# jaxdefense demo: {name} on the embedded base model", "",
+        f"# jaxdefense demo: {name} on {report['base']['path']}", "",
         f"Base model: {report['base']['path']} ({report['base'].get('parameters', '?')} parameters). "
         f"Wall time {report['wall_time_s']:.0f} s{' (--quick)' if report['quick'] else ''}.", "",
+        *align_markdown(report.get("align")),
         "## Results (final attack step; held-out test data)", "", table(report["rows"]), "",
         "Rows: defence × attack × lr. benign_nll / harmful_nll: response NLL (nats/token) on benign_instruct /"
         " harmful_qa test; refusal_rate and judge_harmful_rate on greedy generations for harmful_prompts_eval"
@@ -391,6 +419,18 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def align_markdown(align: dict | None) -> list[str]:
+    """The align stage's lines: steps, loss, and refusal rate of the base before / of "none" after it."""
+    if not align:
+        return []
+    b, a = align.get("before") or {}, align.get("after") or {}
+    return [f"Align stage ({align['run_dir']}, {align['steps']} steps, loss {_fmt(align['loss_first'])} → "
+            f"{_fmt(align['loss_last'])}): the undefended model \"none\" is the aligned base. Refusal rate "
+            f"{_fmt(b.get('refusal_rate'))} → {_fmt(a.get('refusal_rate'))}, judge harmful rate "
+            f"{_fmt(b.get('judge_harmful_rate'))} → {_fmt(a.get('judge_harmful_rate'))}, over-refusal "
+            f"{_fmt(b.get('benign_refusal_rate'))} → {_fmt(a.get('benign_refusal_rate'))} (rows base / none).", ""]
+
+
 def _one_line(text: str, limit: int) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -399,18 +439,38 @@ def _one_line(text: str, limit: int) -> str:
 # ---------------------------------------------------------------- pieces
 
 
-def load_base(path=None):
-    """(cfg, params, tokenizer, build_info) of the embedded base model (or `path`)."""
+def base_checkpoint(base=None) -> Path:
+    """The checkpoint `base` names: the embedded model (None), a pretrained model name (its installed
+    GGUF file, `models.pretrained`), a .gguf file, or an HF directory; CheckpointError (one line) otherwise."""
     from jaxdefense.base_model import ASSET_DIR
-    from jaxdefense.models import load_hf, load_tokenizer
+    from jaxdefense.models.pretrained import PRETRAINED, is_pretrained, pretrained_path
 
-    path = Path(path) if path else ASSET_DIR
-    if not (path / "config.json").exists():
-        raise CheckpointError(f"base model {path}: missing; build it with `jaxdefense build-base --out {path}`")
-    cfg, params = load_hf(path)
+    if base is None:
+        if not (ASSET_DIR / "config.json").exists():
+            raise CheckpointError(f"base model {ASSET_DIR}: missing; build it with `jaxdefense build-base --out {ASSET_DIR}`")
+        return ASSET_DIR
+    path = Path(base)
+    if is_pretrained(str(base)) and not path.exists():
+        try:
+            return pretrained_path(str(base))
+        except CheckpointError as e:
+            raise CheckpointError(f"base: {e}") from e
+    if (path.is_file() and path.suffix == ".gguf") or (path / "config.json").is_file():
+        return path
+    raise CheckpointError(f"base: {str(base)!r} is neither an HF directory (config.json), a .gguf file nor a "
+                          f"pretrained model name ({', '.join(sorted(PRETRAINED))})")
+
+
+def load_base(base=None):
+    """(cfg, params, tokenizer, build_info) of `base` (see `base_checkpoint`); build_info is the embedded
+    model's build_info.json, {} for other checkpoints."""
+    from jaxdefense.models import load_gguf, load_hf, load_tokenizer
+
+    path = base_checkpoint(base)
+    cfg, params = load_gguf(path) if path.suffix == ".gguf" else load_hf(path)
     tokenizer = load_tokenizer(path)
     info_file = path / "build_info.json"
-    info = json.loads(info_file.read_text()) if info_file.exists() else {}
+    info = json.loads(info_file.read_text()) if info_file.is_file() else {}
     return cfg, params, tokenizer, info
 
 
@@ -446,17 +506,26 @@ def gradient_cosines(cfg, params, tokenizer, g: GeometrySection, max_len: int, d
 
 
 def total_units(p: DemoPlan) -> int:
-    """Progress units of the whole demo: training steps plus one per evaluation."""
+    """Progress units of the whole demo: training steps plus one per evaluation (the align stage: its
+    steps and the evaluation of the base before it)."""
     defence_steps = sum(c.steps for c in p.defences.values())
     attack_steps = sum(c.steps for c in p.attacks.values())
     models = 1 + len(p.defences)
-    return defence_steps + models * attack_steps + models * (1 + len(p.attacks))
+    align = p.align.steps + 1 if p.align is not None else 0
+    return align + defence_steps + models * attack_steps + models * (1 + len(p.attacks))
 
 
 def report_row(defence: str, kind: str, lr, rep: dict, accuracy) -> dict:
+    """One table row; a multiple-choice stream X of the evaluation adds mc_X (its zero-shot accuracy)."""
+    mc = {f"mc_{name}": m.get("acc") for name, m in (rep.get("mc") or {}).items()}
     return {"defence": defence, "attack": kind, "lr": lr, **{k: rep.get(k) for k in ROW_FIELDS if k != "task_accuracy"},
-            "task_accuracy": accuracy, "judge_harmful_score": rep.get("judge_harmful_score"),
+            "task_accuracy": accuracy, **mc, "judge_harmful_score": rep.get("judge_harmful_score"),
             "repetition": rep.get("repetition")}
+
+
+def row_fields(rows: list[dict]) -> list[str]:
+    """ROW_FIELDS, then the mc_* columns some row has."""
+    return [*ROW_FIELDS, *sorted({k for r in rows for k in r if k.startswith("mc_")})]
 
 
 # ---------------------------------------------------------------- the demo
@@ -476,7 +545,7 @@ def run_demo(cfg: DemoConfig, out, data_dir=None, *, quick: bool = False, progre
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for sub in ("immunize", "attack", "eval"):
+    for sub in ("align", "immunize", "attack", "eval"):
         if (out / "runs" / sub).exists() and any((out / "runs" / sub).iterdir()):
             raise ConfigError(f"--out {str(out)!r}: holds runs of an earlier demo; use a new --out")
     dump_yaml(cfg, out / "config.yaml")
@@ -495,10 +564,38 @@ def run_demo(cfg: DemoConfig, out, data_dir=None, *, quick: bool = False, progre
     log(f"demo: base model {cfg.base or 'jaxdefense/assets/base'} ({n_params:,} parameters)")
     max_len = p.evaluation.data.max_len
     kw = dict(data_dir=data_dir, progress=bar, tokenizer=tokenizer)
+    run_dirs, rows, samples = [], [], []
+
+    def evaluate_row(defence, kind, lr, params, summary):
+        bar.set_description(f"eval {defence} {kind}")
+        where = f"{defence}-{kind}" + ("" if lr is None else f"-{lr:g}")
+        rep = pipeline.evaluate(p.evaluation, out / "runs" / "eval" / where, data_dir=data_dir, judge=judge,
+                                model=(mcfg, params), tokenizer=tokenizer, title=f"{defence} after {kind}")
+        bar.update(1)
+        run_dirs.append(f"runs/eval/{where}")
+        rows.append(report_row(defence, kind, lr, rep, summary.get("task_accuracy")))
+        for s in rep.get("samples", [])[: p.evaluation.eval.samples]:
+            samples.append({"defence": defence, "attack": kind, "lr": lr, **s})
+
+    align = None
+    if p.align is not None:
+        t = time.perf_counter()
+        evaluate_row("base", "none", None, base, {})
+        bar.set_description("align")
+        result = pipeline.immunize(p.align, out / "runs" / "align", model=(mcfg, base), **kw)
+        run_dirs.append(str(result.out.relative_to(out)))
+        losses = [h["loss"] for h in result.history if "loss" in h]
+        align = {"run_dir": str(result.out.relative_to(out)), "steps": p.align.steps,
+                 "method": to_dict(p.align.method), "loss_first": losses[0] if losses else None,
+                 "loss_last": losses[-1] if losses else None, "history": result.history}
+        log(f"demo: aligned {p.align.steps} steps ({p.align.method.name}), loss "
+            f"{_fmt(align['loss_first'])} → {_fmt(align['loss_last'])}")
+        base = result.params
+        lap("align", t)
 
     t = time.perf_counter()
     cos_before = gradient_cosines(mcfg, base, tokenizer, cfg.geometry, max_len, data_dir)
-    models, histories, cos_after, run_dirs = {"none": base}, {}, {}, []
+    models, histories, cos_after = {"none": base}, {}, {}
     for name, run_cfg in p.defences.items():
         bar.set_description(f"immunize {name}")
         result = pipeline.immunize(run_cfg, out / "runs" / "immunize" / name, model=(mcfg, base), **kw)
@@ -531,18 +628,11 @@ def run_demo(cfg: DemoConfig, out, data_dir=None, *, quick: bool = False, progre
     accuracy_pre = {d: s.get("task_accuracy_pre") for (d, k, _), (_, s) in attacked.items() if k == "benign_sft"}
     targets = [(d, "none", None, models[d], {"task_accuracy": accuracy_pre.get(d)}) for d in models]
     targets += [(d, k, lr, prm, s) for (d, k, lr), (prm, s) in attacked.items()]
-    rows, samples = [], []
-    for defence, kind, lr, params, summary in targets:
-        bar.set_description(f"eval {defence} {kind}")
-        where = f"{defence}-{kind}" + ("" if lr is None else f"-{lr:g}")
-        rep = pipeline.evaluate(p.evaluation, out / "runs" / "eval" / where, data_dir=data_dir, judge=judge,
-                                model=(mcfg, params), tokenizer=tokenizer, title=f"{defence} after {kind}")
-        bar.update(1)
-        run_dirs.append(f"runs/eval/{where}")
-        rows.append(report_row(defence, kind, lr, rep, summary.get("task_accuracy")))
-        for s in rep.get("samples", [])[: p.evaluation.eval.samples]:
-            samples.append({"defence": defence, "attack": kind, "lr": lr, **s})
+    for target in targets:
+        evaluate_row(*target)
     lap("evaluation", t)
+    if align is not None:
+        align["before"], align["after"] = _row(rows, "base", "none", None), _row(rows, "none", "none", None)
     bar.close()
 
     first = next(iter(p.defences))
@@ -563,6 +653,7 @@ def run_demo(cfg: DemoConfig, out, data_dir=None, *, quick: bool = False, progre
         "samples": samples,
         "plots": files,
         "run_dirs": run_dirs,
+        "align": align,
         "base": {"path": str(cfg.base or "jaxdefense/assets/base"), "parameters": n_params,
                  "build_eval": {k: v for k, v in (info.get("eval") or {}).items() if isinstance(v, (int, float))}},
         "config": to_dict(cfg),
@@ -591,11 +682,23 @@ def run_demo(cfg: DemoConfig, out, data_dir=None, *, quick: bool = False, progre
     return report
 
 
+def demo_config_for(base: str | None, config=None):
+    """`config` when given, else the demo config a pretrained `base` ships (`Pretrained.demo_config`),
+    else None (the default demo.yaml)."""
+    from jaxdefense.models.pretrained import demo_config_path
+
+    return config if config is not None else demo_config_path(base)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny subsets and a few steps (< 2 min)")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     parser.add_argument("--data-dir", default=None, help="data root (default: $JAXDEFENSE_DATA_DIR or ../shared/data)")
-    parser.add_argument("--config", default=None, help="YAML demo config (default: jaxdefense/configs/demo.yaml)")
+    parser.add_argument("--config", default=None, help="YAML demo config (default: the --base model's shipped "
+                        "demo config, else jaxdefense/configs/demo.yaml)")
+    parser.add_argument("--base", default=None, metavar="MODEL",
+                        help="base model: an HF directory, a .gguf file or a pretrained name such as "
+                             "smollm2-135m-instruct (= --set base=MODEL, before the other --set)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set defences.seam.method.beta=10 (after --quick)")
     parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
@@ -608,8 +711,12 @@ def run(args: argparse.Namespace) -> int:
     from jaxdefense.registry import import_modules
 
     import_modules(args.imports)
-    cfg = load_demo_config(args.config, args.overrides, quick=args.quick)
+    config, overrides = demo_config_for(args.base, args.config), list(args.overrides)
+    if args.base is not None:
+        overrides.insert(0, f"base={args.base}")
+    cfg = load_demo_config(config, overrides, quick=args.quick)
     plan(cfg)
+    base_checkpoint(cfg.base)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a directory")

@@ -11,6 +11,11 @@ two are batched together with one prompt truncation (`data.pairs.PairedBatches`)
 batches hold the same prompts and differ only in the responses (SEAM's harmful/refusal pair,
 DPO's chosen/rejected). The partner's batch size, length and limit apply to both.
 
+Mixing: `data.streams.<name>.mix` appends the records of other sources (each with its own split,
+half and limit, defaulting to the stream's) to an unpaired stream's records before batching, so
+one stream's shuffled batches draw from the union (e.g. alignment SFT on benign instructions plus
+defender-half harmful prompt → refusal pairs).
+
 Loss tokens: `loss_on="response"` marks the response tokens (the SFT default), `"sequence"`
 every real token with a real predecessor (a plain language-modelling loss).
 """
@@ -67,6 +72,7 @@ class ResolvedStream:
     limit: int | None
     template: str
     options: Mapping[str, Any]
+    mix: tuple[StreamSpec, ...] = ()
 
 
 def resolve_streams(specs: Mapping[str, StreamSpec], data: DataSection, owner: str) -> dict[str, ResolvedStream]:
@@ -80,10 +86,14 @@ def resolve_streams(specs: Mapping[str, StreamSpec], data: DataSection, owner: s
             raise ConfigError(f"{owner}: stream {name!r} pairs with unknown stream {spec.pair_with!r}")
         s = data.streams.get(name) or StreamSection()
         changed = {k: getattr(s, k) for k in ("source", "split", "half") if getattr(s, k) is not None}
-        out[name] = ResolvedStream(name, dataclasses.replace(spec, **changed),
-                                   s.batch_size or data.batch_size, s.max_len or data.max_len,
+        spec = dataclasses.replace(spec, **changed)
+        if s.mix and spec.pair_with is not None:
+            raise ConfigError(f"data.streams.{name}.mix: a paired stream cannot mix in other sources")
+        mix = tuple(StreamSpec(m.source, split=m.split or spec.split, half=m.half or spec.half,
+                               loss_on=spec.loss_on, limit=m.limit) for m in s.mix)
+        out[name] = ResolvedStream(name, spec, s.batch_size or data.batch_size, s.max_len or data.max_len,
                                    s.limit if s.limit is not None else spec.limit,
-                                   data.template, dict(s.options))
+                                   data.template, dict(s.options), mix)
     for name, r in out.items():
         if r.spec.pair_with is not None:
             partner = out[r.spec.pair_with]
@@ -99,11 +109,12 @@ def load_records(streams: Mapping[str, ResolvedStream], data_dir=None) -> dict[s
     from jaxdefense.data.pairs import pair_records, split_half
     from jaxdefense.data.streams import load_stream
 
-    def read(r: ResolvedStream, limit=None):
+    def read(r: ResolvedStream, limit=None, spec: StreamSpec | None = None, key: str = "source"):
+        spec = spec or r.spec
         try:
-            rows = split_half(load_stream(r.spec.source, r.spec.split, data_dir), r.spec.half)
+            rows = split_half(load_stream(spec.source, spec.split, data_dir), spec.half)
         except DataError as e:
-            raise DataError(f"data.streams.{r.name}.source: {e}") from e
+            raise DataError(f"data.streams.{r.name}.{key}: {e}") from e
         return rows[:limit] if limit is not None else rows
 
     records = {}
@@ -121,6 +132,12 @@ def load_records(streams: Mapping[str, ResolvedStream], data_dir=None) -> dict[s
             if not records[name]:
                 raise DataError(f"data.streams.{name}: source {r.spec.source!r} split {r.spec.split!r} "
                                 f"half {r.spec.half!r} has no records")
+            for i, m in enumerate(r.mix):
+                extra = read(r, m.limit, m, f"mix[{i}].source")
+                if not extra:
+                    raise DataError(f"data.streams.{name}.mix[{i}]: source {m.source!r} split {m.split!r} "
+                                    f"half {m.half!r} has no records")
+                records[name] = records[name] + extra
     return records
 
 
