@@ -63,12 +63,14 @@ GEN_PROMPT_TOKENS = 256  # generation batches hold at most batch_size · GEN_PRO
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _nll_sums(cfg, params, input_ids, attention_mask, loss_mask):
-    """Σ_t nll and Σ_t weight per row over the loss_mask targets (float32)."""
-    from jaxdefense.models import forward, next_token_nll
+    """Σ_t nll and Σ_t weight per row over the loss_mask targets (float32); only the target
+    positions are projected through the vocabulary (`models.vocab.masked_nll_rows`)."""
+    from jaxdefense.models.decoder import decoder_stack
+    from jaxdefense.models.vocab import masked_nll_rows
 
-    logits = forward(cfg, params, input_ids, attention_mask=attention_mask)
-    nll, weights = next_token_nll(logits, input_ids, loss_mask)
-    return jnp.sum(nll * weights, axis=1), jnp.sum(weights, axis=1)
+    x, _ = decoder_stack(cfg, params, input_ids, attention_mask)
+    sums, counts = masked_nll_rows(cfg, params, x[None], input_ids, loss_mask)
+    return sums[0], counts
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -227,8 +229,9 @@ def generate_samples(cfg, params, tokenizer, prompts: Sequence[str], *, max_new_
     """Greedy (or sampled) completions in batches of similar prompt length, returned in prompt order,
     with their token ids and next-token entropies (on_batch(n) after each batch).
 
-    Batches have batch_size rows (the last padded with copies), fewer (halved) for prompts so long
-    that batch_size rows would exceed batch_size · GEN_PROMPT_TOKENS padded prompt tokens.
+    Batches have batch_size rows (at most the power of two ≥ len(prompts); the last batch padded with
+    copies), fewer (halved) for prompts so long that batch_size rows would exceed
+    batch_size · GEN_PROMPT_TOKENS padded prompt tokens.
     """
     from jaxdefense.data.formatting import apply_chat, encode_prompts
     from jaxdefense.models import generate
@@ -237,6 +240,7 @@ def generate_samples(cfg, params, tokenizer, prompts: Sequence[str], *, max_new_
         return Generations([], [], [], [], [])
     if batch_size < 1:
         raise ConfigError(f"batch_size must be ≥ 1, got {batch_size}")
+    batch_size = min(batch_size, 1 << (len(prompts) - 1).bit_length())
     stops = set(cfg.eos_ids)
     if tokenizer.eos_token_id is not None:
         stops.add(int(tokenizer.eos_token_id))

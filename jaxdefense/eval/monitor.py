@@ -54,7 +54,7 @@ class HeldOutMonitor:
         from jaxdefense.eval.refusal import refusal_rate
 
         gens = generate_samples(self.cfg, params, self.tokenizer, prompts, max_new_tokens=self.settings.max_new_tokens,
-                                batch_size=self.settings.batch_size, chat=self.settings.chat)
+                                batch_size=self.settings.generate_batch_size, chat=self.settings.chat)
         return float(refusal_rate(gens.texts))
 
     def measure(self, params) -> dict:

@@ -214,7 +214,7 @@ def evaluate(
              + sum(len(r["choices"]) for rows in mc_rows.values() for r in rows)
              + sum(len(rows) for rows in task_rows.values()))
     bar = Progress(progress, total)
-    kw = dict(batch_size=s.batch_size)
+    kw, gen_kw = dict(batch_size=s.batch_size), dict(batch_size=s.generate_batch_size)
 
     def part(label, n, fn):
         bar.start(label)
@@ -227,7 +227,7 @@ def evaluate(
     report["n_prompts"] = len(prompts)
     if prompts:
         gens = part("generate harmful", len(prompts), lambda cb: M.generate_samples(
-            cfg, params, tokenizer, prompts, max_new_tokens=s.max_new_tokens, chat=s.chat, on_batch=cb, **kw))
+            cfg, params, tokenizer, prompts, max_new_tokens=s.max_new_tokens, chat=s.chat, on_batch=cb, **gen_kw))
         refusals = refusal_flags(gens.texts)
         report["refusal_rate"] = float(refusals.mean())
         judge, hf_judge = _load_judges(s, judge, hf_judge, data_dir, report, timed)
@@ -260,7 +260,7 @@ def evaluate(
     # ---- benign prompts: over-refusal
     if benign:
         bg = part("generate benign", len(benign), lambda cb: M.generate_samples(
-            cfg, params, tokenizer, benign, max_new_tokens=s.max_new_tokens, chat=s.chat, on_batch=cb, **kw))
+            cfg, params, tokenizer, benign, max_new_tokens=s.max_new_tokens, chat=s.chat, on_batch=cb, **gen_kw))
         bc = M.collapse_metrics(bg.texts, bg.token_ids)
         benign_refusals = refusal_flags(bg.texts)
         report["benign_refusal_rate"] = float(benign_refusals.mean())
@@ -285,7 +285,7 @@ def evaluate(
         report["tasks"] = {}
         for name, rows in task_rows.items():
             report["tasks"][name] = part(f"task {name}", len(rows), lambda cb: M.task_accuracy(
-                cfg, params, tokenizer, name, rows, on_batch=cb, **kw))
+                cfg, params, tokenizer, name, rows, on_batch=cb, **gen_kw))
     bar.close()
     report["timings"]["total"] = round(time.perf_counter() - t0, 3)
     return report

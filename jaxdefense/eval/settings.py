@@ -25,7 +25,9 @@ class EvalSettings:
     split: str = field("test", choices=SPLITS, doc="held-out split of every stream (validation while training)")
     max_new_tokens: int = field(64, ge=1, doc="greedy tokens generated per prompt")
     max_len: int = field(256, ge=2, doc="tokens per NLL / multiple-choice row")
-    batch_size: int = field(8, ge=1, doc="rows per forward / generation batch")
+    batch_size: int = field(8, ge=1, doc="rows per forward batch (NLL, multiple choice)")
+    generate_batch_size: int = field(32, ge=1, doc="rows per generation batch (a decode step reads every weight "
+                                                   "once whatever the batch, so wide batches cost little more per step)")
     mc: list[str] = field(["arc_easy"], doc="multiple-choice streams (mmlu, arc_easy, …); [] for none")
     mc_n: int = field(100, ge=0, doc="rows per multiple-choice stream")
     tasks: list[str] = field([], doc="downstream generation tasks (sst2, ag_news, gsm8k)")

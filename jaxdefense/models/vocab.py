@@ -33,20 +33,9 @@ from jaxdefense.models.decoder import logits_from_hidden, shifted_targets
 DEFAULT_CHUNK = 256
 
 
-def masked_nll_sums(cfg, params, states: jax.Array, input_ids: jax.Array, loss_mask: jax.Array,
-                    *, chunk: int = DEFAULT_CHUNK):
-    """(sums [S], count): weighted next-token NLL of each hidden state at the loss-mask targets.
-
-    Args:
-      cfg: the ModelConfig (tie_embeddings, rms_norm_eps).
-      params: needs only "final_norm" and "embed" (tied) or "lm_head".
-      states: [S,B,T,D] hidden states before the final norm.
-      input_ids: [B,T] token ids; the target of position t is ids[t+1].
-      loss_mask: [B,T]; position t's weight is loss_mask[t+1].
-      chunk: rows (position, state) projected through the vocabulary at once (static).
-    Returns:
-      sums [S] and count = Σ weights, both in float32 (float64 for float64 states).
-    """
+def _row_nll(cfg, params, states, input_ids, loss_mask, chunk):
+    """Weighted NLL of each projected row (position, state): (per_row [R], state [R] (numpy),
+    position [R] (flat b·T + t), weights [B,T]); rows past the weighted ones carry weight 0."""
     S, B, T, D = states.shape
     N = B * T
     acc = jnp.promote_types(states.dtype, jnp.float32)
@@ -78,8 +67,36 @@ def masked_nll_sums(cfg, params, states: jax.Array, input_ids: jax.Array, loss_m
         return carry, chunk_nll(*xs)
 
     _, per_row = lax.scan(body, None, (h_rows, t_rows, w_rows))
-    sums = jnp.zeros((S,), acc).at[jnp.asarray(state)].add(per_row.reshape(-1))
+    return per_row.reshape(-1), state, pos, weights
+
+
+def masked_nll_sums(cfg, params, states: jax.Array, input_ids: jax.Array, loss_mask: jax.Array,
+                    *, chunk: int = DEFAULT_CHUNK):
+    """(sums [S], count): weighted next-token NLL of each hidden state at the loss-mask targets.
+
+    Args:
+      cfg: the ModelConfig (tie_embeddings, rms_norm_eps).
+      params: needs only "final_norm" and "embed" (tied) or "lm_head".
+      states: [S,B,T,D] hidden states before the final norm.
+      input_ids: [B,T] token ids; the target of position t is ids[t+1].
+      loss_mask: [B,T]; position t's weight is loss_mask[t+1].
+      chunk: rows (position, state) projected through the vocabulary at once (static).
+    Returns:
+      sums [S] and count = Σ weights, both in float32 (float64 for float64 states).
+    """
+    per_row, state, _, weights = _row_nll(cfg, params, states, input_ids, loss_mask, chunk)
+    sums = jnp.zeros((states.shape[0],), per_row.dtype).at[jnp.asarray(state)].add(per_row)
     return sums, jnp.sum(weights)
+
+
+def masked_nll_rows(cfg, params, states: jax.Array, input_ids: jax.Array, loss_mask: jax.Array,
+                    *, chunk: int = DEFAULT_CHUNK):
+    """(sums [S,B], counts [B]): `masked_nll_sums` split by sequence, Σ_t w[b,t]·nll_s[b,t] per row b
+    (sums.sum(1) equals masked_nll_sums' sums up to the order of the sum)."""
+    per_row, state, pos, weights = _row_nll(cfg, params, states, input_ids, loss_mask, chunk)
+    S, B, T = states.shape[0], *input_ids.shape
+    sums = jnp.zeros((S, B), per_row.dtype).at[jnp.asarray(state), pos // T].add(per_row)
+    return sums, jnp.sum(weights, axis=1)
 
 
 def masked_state_ce(cfg, params, states: jax.Array, input_ids: jax.Array, loss_mask: jax.Array,
