@@ -92,8 +92,9 @@ def cosine_grad(
     perturb_dtype when one is given), for a caller whose gradients share a pass with other
     work; used by "forward", "central" and exact_via="jvp" (not with has_aux).
 
-    aux: loss_a, loss_b, norm_a (‖g_a‖), norm_b, dot (⟨g_a, g_b⟩), and aux_a/aux_b from
-    loss functions with has_aux. grad leaves have the params' dtypes ("exact") or
+    aux: loss_a, loss_b, norm_a (‖g_a‖), norm_b, dot (⟨g_a, g_b⟩), grad_a/grad_b (g_a, g_b
+    at θ, for a caller that also needs them), and aux_a/aux_b from loss functions with
+    has_aux. grad and grad_a/grad_b leaves have the params' dtypes ("exact") or
     `perturb_dtype` when given (finite differences).
     """
     if estimator not in ESTIMATORS:
@@ -151,7 +152,8 @@ def cosine_grad(
             )
         grad = tree_cast_like(jax.tree.map(jnp.add, fd_a, fd_b), work)
 
-    aux = {"loss_a": loss_va, "loss_b": loss_vb, "norm_a": norm_a, "norm_b": norm_b, "dot": dot}
+    aux = {"loss_a": loss_va, "loss_b": loss_vb, "norm_a": norm_a, "norm_b": norm_b, "dot": dot,
+           "grad_a": g_a, "grad_b": g_b}
     if has_aux:
         aux["aux_a"], aux["aux_b"] = aux_a, aux_b
     return cos, grad, aux

@@ -45,7 +45,8 @@ this port follows it:
   differentiated separately, so the lens backward runs once. With "log"/"ascent",
   ∇L_ul = f'(CE)·g_a. g_a (and g_b, which γ reuses) are handed to ``cosine_grad`` (``at=``)
   for the finite-difference estimators at the params' own dtype; "exact" (linearised
-  gradients) and a float32 perturbation copy of low-precision params compute their own.
+  gradients) and a float32 perturbation copy of low-precision params compute their own, and
+  γ's term takes that g_b back from ``cosine_grad``'s aux (one benign gradient per step).
 - g_b: CE on the benign batch over *all* real tokens (official labels = input_ids with pads
   at −100, so prompt tokens count); ``benign_full_sequence=False`` uses ``loss_mask`` instead.
 - The same batches are used at θ and at the perturbed points; no gradient clipping; the
@@ -296,31 +297,33 @@ class SEAM(Objective):
         )
 
     def grad(self, params, batches, key=None, frozen=None):
-        """grads = ∇(L_ul + α·L_up [+ γ·ℓ_ben]) + β·∇̂L_sd; metrics l_ul, l_up, cos, gradient norms."""
+        """grads = ∇(L_ul + α·L_up [+ γ·ℓ_ben]) + β·∇̂L_sd; metrics l_ul, l_up, cos, gradient norms.
+
+        g_b (γ's term and cosine_grad's) is computed once: here and handed to cosine_grad when
+        shared (`at=`), else taken from cosine_grad's aux (its linearised pass for "exact")."""
         del key, frozen
         adversarial, alignment, benign = self.masked_batches(batches)
         share = self.beta == 0 or (self.estimator != "exact" and self.perturb_dtype_for(params) is None)
         l_ul, ce_a, g_ul, g_a = self.harmful_grads(params, adversarial, with_g_a=share)
         l_up, g_up = jax.value_and_grad(self.ce_loss)(params, alignment)
-        if share or self.gamma:
+        if share:
             ce_b, g_b = jax.value_and_grad(self.ce_loss)(params, benign)
+        if self.beta == 0:
+            norm_a, norm_b = tree_norm(g_a), tree_norm(g_b)
+            cos, norm_sd = tree_vdot(g_a, g_b) / (norm_a * norm_b), jnp.zeros(())
+        else:
+            cos, g_sd, aux = self.sd_grad(params, adversarial, benign,
+                                          at=((ce_a, g_a), (ce_b, g_b)) if share else None)
+            norm_a, norm_b, ce_a, ce_b, g_b = (aux[k] for k in ("norm_a", "norm_b", "loss_a", "loss_b", "grad_b"))
+            norm_sd = tree_norm(g_sd)
         loss = l_ul + self.alpha * l_up
         if self.gamma:
             loss = loss + self.gamma * ce_b
             g_primary = _combine([g_ul, g_up, g_b], [1.0, self.alpha, self.gamma])
         else:
             g_primary = _combine([g_ul, g_up], [1.0, self.alpha])
-        metrics = {"loss": loss, "l_ul": l_ul, "l_up": l_up, "grad_norm_primary": tree_norm(g_primary)}
-        if self.beta == 0:
-            norm_a, norm_b = tree_norm(g_a), tree_norm(g_b)
-            cos = tree_vdot(g_a, g_b) / (norm_a * norm_b)
-            grads, norm_sd = g_primary, jnp.zeros(())
-        else:
-            cos, g_sd, aux = self.sd_grad(params, adversarial, benign,
-                                          at=((ce_a, g_a), (ce_b, g_b)) if share else None)
-            norm_a, norm_b, ce_a, ce_b = aux["norm_a"], aux["norm_b"], aux["loss_a"], aux["loss_b"]
-            grads = _combine([g_primary, g_sd], [1.0, self.beta])
-            norm_sd = tree_norm(g_sd)
-        metrics.update(cos=cos, grad_norm_a=norm_a, grad_norm_b=norm_b, grad_norm_sd=norm_sd,
-                       ce_attack=ce_a, ce_benign=ce_b, grad_norm=tree_norm(grads))
+        grads = g_primary if self.beta == 0 else _combine([g_primary, g_sd], [1.0, self.beta])
+        metrics = {"loss": loss, "l_ul": l_ul, "l_up": l_up, "grad_norm_primary": tree_norm(g_primary),
+                   "cos": cos, "grad_norm_a": norm_a, "grad_norm_b": norm_b, "grad_norm_sd": norm_sd,
+                   "ce_attack": ce_a, "ce_benign": ce_b, "grad_norm": tree_norm(grads)}
         return grads, metrics

@@ -186,6 +186,30 @@ def test_exact_update_is_the_gradient_of_the_composed_scalar_in_float64(params, 
         assert jax.tree.leaves(got)[0].dtype == jnp.float64
 
 
+
+def _count_dots(jaxpr):
+    """dot_general equations in a jaxpr and the jaxprs nested in its equations."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == "dot_general"
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    n += _count_dots(inner)
+    return n
+
+
+def test_exact_gamma_term_reuses_the_benign_gradient(params, data):
+    """estimator "exact", γ = 0.6: γ·g_b takes g_b from cosine_grad's linearised pass, so the traced
+    update has as many matmuls as γ = 0 (a second benign gradient adds 31 on the tiny model).
+    Its value is test_exact_update_is_the_gradient_of_the_composed_scalar_in_float64."""
+    batches = {k: {f: jnp.asarray(x) for f, x in v.items()} for k, v in data.batches(2).items()}
+    dots = {gamma: _count_dots(jax.make_jaxpr(SEAM(cfg=CFG, alpha=0.7, beta=1.6, estimator="exact",
+                                                   gamma=gamma).grad)(params, batches).jaxpr)
+            for gamma in (0.0, 0.6)}
+    assert dots[0.0] > 0 and dots[0.6] == dots[0.0], dots
+
 def test_get_method_builds_and_coerces():
     m = get_method("seam", cfg=CFG, beta="1.5", estimator="exact", benign_full_sequence=False)
     assert isinstance(m, SEAM) and m.beta == 1.5 and m.estimator == "exact" and m.benign_full_sequence is False
