@@ -29,8 +29,9 @@ distinct set, cached. With S static the step differentiates only what the set ne
 so neither pass stores activations or runs a backward below lo, and no weight gradient is
 computed outside S; the layers from lo up run as segments, each a `decoder_stack` layer range
 chained through the residual stream (so the stack's activation sharding constraints and
-`cfg.remat` apply; runs of layers in S take their weights from the differentiated θ_S). `grads` is params-shaped (zeros outside S: the saving is in
-activations and backward work, not in the grads or optimiser state) with UPDATE_MASK
+`cfg.remat` apply; runs of layers in S take their weights from the differentiated θ_S).
+`grads` is params-shaped (zeros outside S: the saving is in activations and backward work,
+not in the grads or optimiser state) with UPDATE_MASK
 keeping everything outside S bit-identical through the step (zero gradients alone would still
 move them under AdamW's momentum and weight decay). Under the run's `lora` wrapper the mask
 applies to the adapters of the layers outside S.
