@@ -129,6 +129,7 @@ def _last_step(run_dir):
     return records[-1]["step"] if records else -1
 
 
+@pytest.mark.slow
 @needs_data
 def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_config):
     full, part, cache = tmp_path / "full", tmp_path / "part", tmp_path / "jax-cache"

@@ -40,6 +40,7 @@ def final_json(nb) -> dict:
     return json.loads(text)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not data_root_available(), reason="no data root (../shared/data or $JAXDEFENSE_DATA_DIR)")
 def test_gradient_geometry_notebook():
     nb = execute_notebook("gradient_geometry.ipynb")

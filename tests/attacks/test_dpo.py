@@ -163,6 +163,7 @@ def test_a_short_dpo_run_raises_the_margin_and_lowers_the_loss(params, data):
     # the reference did not move
     for a, b in zip(jax.tree.leaves(frozen["reference"]), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+@pytest.mark.slow
 
 
 def test_lora_trains_only_adapters_against_the_base(params, data):
@@ -236,6 +237,7 @@ def test_irrelevant_rejected_answers_are_sdds_filtered_picks(monkeypatch):
         assert row["paired"].startswith("benign answer ") and row["paired"] != "benign answer 4"
         assert row["paired_id"] != "b4" and row["similarity"] <= 0.25
     assert get_attack("harmful_dpo").build_records({"chosen": chosen}, CFG, None, None) == ({"chosen": chosen}, {})
+@pytest.mark.slow
 
 
 def test_cli_round_trip(tmp_path, capsys):

@@ -25,6 +25,7 @@ MEMORY_KEYS = {"argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_b
                "generated_code_size_in_bytes", "peak_bytes"}
 MACHINE_KEYS = {"platform", "python", "cpu", "cores", "memory_gib", "load_average", "backend", "devices",
                 "XLA_FLAGS", "jax", "jaxlib", "flax", "optax", "numpy"}
+@pytest.mark.slow
 
 
 def test_curvature_cost_quick(tmp_path):

@@ -32,6 +32,7 @@ def mesh():
     if jax.device_count() < 8:
         pytest.skip("needs the 8 simulated CPU devices from tests/conftest.py")
     return jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+@pytest.mark.slow
 
 
 def test_sharded_params_match_single_device(mesh, mlp):

@@ -34,7 +34,8 @@ def _sub(a, b):
     return jax.tree.map(jnp.subtract, a, b)
 
 
-@pytest.mark.parametrize("normalize, alpha, lam, retain", [(True, 0.3, 0.7, "half"), (False, 0.02, 0.7, "all")])
+@pytest.mark.parametrize("normalize, alpha, lam, retain", [(True, 0.3, 0.7, "half"),
+                                                          pytest.param(False, 0.02, 0.7, "all", marks=pytest.mark.slow)])
 def test_exact_update_is_the_gradient_of_the_composed_scalar_in_float64(params, data, normalize, alpha, lam, retain):
     """grads = ∇[L_align(θ) + λ·L_col(θ − α·s(θ))] by autodiff of the whole scalar, s = g_h(/‖g_h‖+1e-7)."""
     with jax.enable_x64(True):
@@ -102,6 +103,7 @@ def test_first_order_update_is_the_official_formula(params, data):
                                rtol=1e-6)
     assert set(metrics) >= {"l_align", "l_collapse", "l_harm", "p_error", "grad_norm_align", "grad_norm_harm",
                             "grad_norm_collapse", "grad_norm"}
+@pytest.mark.slow
 
 
 def test_ctrap_run_sets_the_collapse_trap(params, data):

@@ -99,8 +99,9 @@ def test_step_zero_is_2_over_beta_log_2_and_gradient_ascent(params, data):
         assert err < 1e-10, err
 
 
-@pytest.mark.parametrize("form, nll, retain", [("npo", None, "both"), ("ctrap", None, "alignment"),
-                                               ("npo", "mean", "benign")])
+@pytest.mark.parametrize("form, nll, retain", [("npo", None, "both"),
+                                               pytest.param("ctrap", None, "alignment", marks=pytest.mark.slow),
+                                               pytest.param("npo", "mean", "benign", marks=pytest.mark.slow)])
 def test_gradient_away_from_the_reference_is_the_float64_gradient_of_the_formula(params, data, form, nll, retain):
     beta, w_npo, w_ret = 0.3, 0.7, 0.4
     kind = nll or {"npo": "sum", "ctrap": "mean"}[form]
