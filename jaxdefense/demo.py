@@ -131,6 +131,8 @@ def plan(cfg: DemoConfig) -> DemoPlan:
     for name, partial in cfg.defences.items():
         if name == "none":
             raise ConfigError("defences.none: the name 'none' is the undefended base model")
+        if name == "base" and cfg.align:
+            raise ConfigError("defences.base: with an align stage, the name 'base' is the model before alignment")
         partial = dict(partial or {})
         if partial.get("method") is None:
             if name not in METHODS:

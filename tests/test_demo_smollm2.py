@@ -103,6 +103,8 @@ def test_smollm2_quick_selects_one_arm_and_two_attacks():
     assert [c.steps for c in p.attacks.values()] == [2, 2] and p.align.steps == 2
     with pytest.raises(ConfigError, match=r"^attacks\.nope: not an attack of this config"):
         load_demo_config(SMOLLM2_CONFIG, ["attacks=[nope]"])
+    with pytest.raises(ConfigError, match=r"^defences\.base: with an align stage"):
+        plan(load_demo_config(SMOLLM2_CONFIG, ["defences.base.method.name=sft"]))
 
 
 # ---------------------------------------------------------------- stream mixing
