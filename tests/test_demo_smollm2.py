@@ -83,8 +83,8 @@ def test_smollm2_config_plans_with_align_seam_arms_and_the_paper_lrs():
     seam, arm2 = p.defences["seam"], p.defences["seam_beta1"]
     assert (seam.method.eps, seam.method.alpha, seam.method.beta, seam.method.estimator) == (1e-3, 1.0, 0.01, "forward")
     assert arm2.method.beta >= 1 and (arm2.method.eps, arm2.method.alpha) == (1e-3, 1.0)
-    for d in (seam, arm2):
-        assert (d.optimizer.name, d.optimizer.lr, d.optimizer.schedule, d.steps) == ("adamw", 2e-5, "cosine", 32)
+    for d, lr in ((seam, 2e-5), (arm2, 1e-4)):
+        assert (d.optimizer.name, d.optimizer.lr, d.optimizer.schedule, d.steps) == ("adamw", lr, "cosine", 32)
     harmful = sorted(c.optimizer.lr for c in p.attacks.values() if c.attack.name == "harmful_sft")
     assert harmful == [2e-5, 5e-5, 1e-4, 2e-4]
     assert [c.attack.name for c in p.attacks.values()].count("benign_sft") == 1
