@@ -61,56 +61,90 @@ def batch_rows(width: int, batch_size: int, max_tokens: int | None) -> int:
 GEN_PROMPT_TOKENS = 256  # generation batches hold at most batch_size · GEN_PROMPT_TOKENS padded prompt tokens
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _nll_sums(cfg, params, input_ids, attention_mask, loss_mask):
-    """Σ_t nll and Σ_t weight per row over the loss_mask targets (float32); only the target
-    positions are projected through the vocabulary (`models.vocab.masked_nll_rows`)."""
-    from jaxdefense.models.decoder import decoder_stack
-    from jaxdefense.models.vocab import masked_nll_rows
-
-    x, _ = decoder_stack(cfg, params, input_ids, attention_mask)
-    sums, counts = masked_nll_rows(cfg, params, x[None], input_ids, loss_mask)
-    return sums[0], counts
+def segment_mask(attention_mask, segments):
+    """bool [B,T,T]: causal attention where a key of segment 0 (the shared prefix) is seen by every
+    later query and a key of segment k > 0 only by queries of segment k; a pad query sees itself.
+    With every segment 0 this is `models.decoder.causal_mask`."""
+    T = attention_mask.shape[1]
+    causal = jnp.tril(jnp.ones((T, T), jnp.bool_))
+    visible = (segments[:, None, :] == 0) | (segments[:, None, :] == segments[:, :, None])
+    return causal[None] & (((attention_mask[:, None, :] > 0) & visible) | jnp.eye(T, dtype=jnp.bool_)[None])
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _entropy_sums(cfg, params, input_ids, attention_mask, loss_mask):
-    """Σ_t H(p_t) and Σ_t weight per row, H = logsumexp(z) − Σ softmax(z)·z at each predicting position."""
-    from jaxdefense.models import forward
+def _nll_terms(cfg, params, input_ids, attention_mask, loss_mask, positions, segments):
+    """(w·nll, w) at every position [B,T] (float32), w[t] = loss_mask[t+1]; only the target
+    positions are projected through the vocabulary (`models.vocab.masked_nll_positions`)."""
+    from jaxdefense.models.decoder import decoder_stack, shifted_targets
+    from jaxdefense.models.vocab import masked_nll_positions
 
-    logits = forward(cfg, params, input_ids, attention_mask=attention_mask).astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
-    weights = jnp.concatenate([loss_mask[:, 1:], jnp.zeros_like(loss_mask[:, :1])], axis=1).astype(jnp.float32)
-    return jnp.sum(entropy * weights, axis=1), jnp.sum(weights, axis=1)
+    x, _ = decoder_stack(cfg, params, input_ids, attention_mask, positions=positions,
+                         attn_mask=segment_mask(attention_mask, segments))
+    terms = masked_nll_positions(cfg, params, x[None], input_ids, loss_mask)[0]
+    return terms, shifted_targets(input_ids, loss_mask, terms.dtype)[1]
 
 
-def _run_rows(fn, cfg, params, rows: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, batch_size: int,
-              on_batch=None):
-    """Apply a per-row-sum fn to (ids, loss_mask) rows in fixed-row-count, right-padded batches of similar length.
+@functools.partial(jax.jit, static_argnums=(0,))
+def _entropy_terms(cfg, params, input_ids, attention_mask, loss_mask, positions, segments):
+    """(w·H(p_t), w) at every position [B,T], H = logsumexp(z) − Σ softmax(z)·z at each predicting position."""
+    from jaxdefense.models.decoder import decoder_stack, logits_from_hidden, shifted_targets
 
-    Returns (sums, counts) in row order. on_batch(n): called after each batch with its number of real rows."""
-    if not rows:
-        return np.zeros((0,)), np.zeros((0,))
-    sums, counts = np.zeros(len(rows)), np.zeros(len(rows))
-    for index in length_batches([len(ids) for ids, _ in rows], batch_size):
+    x, _ = decoder_stack(cfg, params, input_ids, attention_mask, positions=positions,
+                         attn_mask=segment_mask(attention_mask, segments))
+    logp = jax.nn.log_softmax(logits_from_hidden(cfg, params, x).astype(jnp.float32), axis=-1)
+    weights = shifted_targets(input_ids, loss_mask, jnp.float32)[1]
+    return -jnp.sum(jnp.exp(logp) * logp, axis=-1) * weights, weights
+
+
+def _row_positions(segments: np.ndarray) -> np.ndarray:
+    """RoPE positions of a row: the prefix (segment 0) counts from 0 and every segment k > 0
+    continues from the prefix's length, as if it alone followed the prefix."""
+    prefix = int(np.sum(segments == 0))
+    positions = np.arange(len(segments))
+    for k in np.unique(segments[segments > 0]):
+        where = np.flatnonzero(segments == k)
+        positions[where] = prefix + np.arange(len(where))
+    return positions
+
+
+def _run_rows(fn, cfg, params, rows: Sequence[tuple], pad_id: int, batch_size: int, on_batch=None, units=None):
+    """Apply a per-position fn to rows (ids, loss_mask[, segments]) in fixed-row-count, right-padded
+    batches of similar length.
+
+    segments (default all 0): 0 for a shared prefix, k > 0 for the k-th of several continuations
+    packed after it (`segment_mask`, `_row_positions`). Returns, in row order, (terms, weights):
+    float64 arrays of the row's length. on_batch(n): called after each batch with its number of real
+    rows (or the sum of their `units`, one count per row)."""
+    out: list = [None] * len(rows)
+    for index in length_batches([len(row[0]) for row in rows], batch_size):
         chunk = [rows[i] for i in index]
         n_real = len(chunk)
         chunk += [chunk[-1]] * (batch_size - n_real)
-        width = row_width(max(len(ids) for ids, _ in chunk))
+        width = row_width(max(len(row[0]) for row in chunk))
         ids = np.full((batch_size, width), pad_id, np.int32)
         attn = np.zeros((batch_size, width), np.int32)
         mask = np.zeros((batch_size, width), np.float32)
-        for b, (row_ids, row_mask) in enumerate(chunk):
-            ids[b, : len(row_ids)] = row_ids
-            attn[b, : len(row_ids)] = 1
-            mask[b, : len(row_ids)] = row_mask
-        s, c = fn(cfg, params, ids, attn, mask)
-        sums[index] = np.asarray(s, np.float64)[:n_real]
-        counts[index] = np.asarray(c, np.float64)[:n_real]
+        positions = np.zeros((batch_size, width), np.int32)
+        segments = np.zeros((batch_size, width), np.int32)
+        for b, row in enumerate(chunk):
+            n = len(row[0])
+            ids[b, :n], attn[b, :n], mask[b, :n] = row[0], 1, row[1]
+            if len(row) > 2:
+                segments[b, :n] = row[2]
+            positions[b, :n] = _row_positions(segments[b, :n])
+        terms, weights = fn(cfg, params, ids, attn, mask, positions, segments)
+        terms, weights = np.asarray(terms, np.float64), np.asarray(weights, np.float64)
+        for b, i in enumerate(index):
+            n = len(rows[i][0])
+            out[i] = (terms[b, :n], weights[b, :n])
         if on_batch is not None:
-            on_batch(n_real)
-    return sums, counts
+            on_batch(n_real if units is None else sum(units[i] for i in index))
+    return out
+
+
+def _row_sums(terms) -> tuple[np.ndarray, np.ndarray]:
+    """(Σ_t terms, Σ_t weights) per row of `_run_rows`' output."""
+    return (np.asarray([t.sum() for t, _ in terms]), np.asarray([w.sum() for _, w in terms]))
 
 
 def _pad_id(tokenizer) -> int:
@@ -136,7 +170,7 @@ def response_nll(cfg, params, tokenizer, records: Sequence[dict], *, max_len: in
     for i, r in enumerate(records):
         enc = encode_example(tokenizer, r["prompt"], r["response"], max_len, template, record=r, index=i)
         rows.append((enc.input_ids, enc.loss_mask))
-    sums, counts = _run_rows(_nll_sums, cfg, params, rows, _pad_id(tokenizer), batch_size, on_batch)
+    sums, counts = _row_sums(_run_rows(_nll_terms, cfg, params, rows, _pad_id(tokenizer), batch_size, on_batch))
     return {
         "nll": float(sums.sum() / max(counts.sum(), 1.0)),
         "nll_per_seq": float(np.mean(sums / np.maximum(counts, 1.0))),
@@ -161,9 +195,12 @@ def continuation_logprobs(cfg, params, tokenizer, pairs: Sequence[tuple[str, str
 
     Context ids = tokenizer(context) (with the tokenizer's BOS); continuation ids =
     tokenizer(continuation, add_special_tokens=False); the context is cut from the left when
-    the pair exceeds max_len.
+    the pair exceeds max_len. Consecutive pairs with one context (the choices of a question) share
+    one row of at most max_len tokens: context[:-1], then per continuation its own copy of the
+    context's last token followed by the continuation, each attending to the shared part and to
+    itself only, at the positions it would have alone (`segment_mask`), so the context is run once.
     """
-    rows = []
+    encoded = []
     for context, continuation in pairs:
         ctx = list(tokenizer(context)["input_ids"])
         cont = list(tokenizer(continuation, add_special_tokens=False)["input_ids"])
@@ -171,14 +208,38 @@ def continuation_logprobs(cfg, params, tokenizer, pairs: Sequence[tuple[str, str
             raise DataError(f"continuation {continuation!r} has no tokens")
         if not ctx:
             raise DataError(f"context {context!r} has no tokens (the first continuation token needs one)")
-        cont = cont[: max_len - 1]
-        ctx = ctx[max(0, len(ctx) + len(cont) - max_len):]
-        ids = ctx + cont
-        mask = [0] * len(ctx) + [1] * len(cont)
-        mask[0] = 0
-        rows.append((ids, mask))
-    sums, counts = _run_rows(_nll_sums, cfg, params, rows, _pad_id(tokenizer), batch_size, on_batch)
-    return -sums, counts
+        encoded.append((context, ctx, cont))
+    rows, owners = [], []  # owners[r]: (pair index, segment) of each continuation in row r
+    start = 0
+    while start < len(encoded):
+        stop = start + 1
+        while stop < len(encoded) and encoded[stop][0] == encoded[start][0]:
+            stop += 1
+        ctx = encoded[start][1]
+        group = [encoded[i][2] for i in range(start, stop)]
+        if stop - start > 1 and len(ctx) - 1 + sum(1 + len(c) for c in group) <= max_len:
+            ids, mask, segments = ctx[:-1], [0] * (len(ctx) - 1), [0] * (len(ctx) - 1)
+            for k, cont in enumerate(group, start=1):
+                ids += [ctx[-1]] + cont
+                mask += [0] + [1] * len(cont)
+                segments += [k] * (1 + len(cont))
+            rows.append((ids, mask, segments))
+            owners.append([(start + k - 1, k) for k in range(1, len(group) + 1)])
+        else:
+            for i in range(start, stop):
+                cont = encoded[i][2][: max_len - 1]
+                cut = encoded[i][1][max(0, len(encoded[i][1]) + len(cont) - max_len):]
+                rows.append((cut + cont, [0] * len(cut) + [1] * len(cont)))
+                owners.append([(i, None)])
+        start = stop
+    logp, counts = np.zeros(len(pairs)), np.zeros(len(pairs))
+    scored = _run_rows(_nll_terms, cfg, params, rows, _pad_id(tokenizer), batch_size, on_batch,
+                       units=[len(owned) for owned in owners])
+    for row, (terms, weights), owned in zip(rows, scored, owners):
+        for i, k in owned:
+            where = slice(None) if k is None else np.asarray(row[2]) == k
+            logp[i], counts[i] = -terms[where].sum(), weights[where].sum()
+    return logp, counts
 
 
 def mc_scores(cfg, params, tokenizer, stream: str, records: Sequence[dict], **kw) -> tuple[list[list[float]], list[list[float]]]:
@@ -297,7 +358,7 @@ def generation_entropy(cfg, params, generations: Generations, *, pad_id: int = 0
     ]
     if not rows:
         return float("nan")
-    sums, counts = _run_rows(_entropy_sums, cfg, params, rows, pad_id, batch_size, on_batch)
+    sums, counts = _row_sums(_run_rows(_entropy_terms, cfg, params, rows, pad_id, batch_size, on_batch))
     return float(sums.sum() / max(counts.sum(), 1.0))
 
 

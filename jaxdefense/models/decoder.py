@@ -217,7 +217,8 @@ def constrain_params(params: dict) -> dict:
 
 
 def decoder_stack(cfg: ModelConfig, params: dict, input_ids: jax.Array, attention_mask=None, lora=None,
-                  hidden_perturb=None, return_hidden: bool = False, *, start_hidden=None, layers=None):
+                  hidden_perturb=None, return_hidden: bool = False, *, start_hidden=None, layers=None,
+                  positions=None, attn_mask=None):
     """Residual stream after the last layer run [B,T,D] (pre final norm) and, if asked, all of them.
 
     Args:
@@ -231,6 +232,9 @@ def decoder_stack(cfg: ModelConfig, params: dict, input_ids: jax.Array, attentio
         in params["layers"]. Running [0, k) then [k, L) from the first run's output is the
         whole stack.
       start_hidden: [B,T,D] residual stream entering layer lo (default the embedding of input_ids).
+      positions: [B,T] RoPE positions (default: from attention_mask's cumsum).
+      attn_mask: bool [B,T,T], query t may attend key s (default: causal_mask(attention_mask)), e.g.
+        several continuations packed after one shared prompt (`eval.metrics.continuation_logprobs`).
     Returns:
       (x [B,T,D], hidden [hi−lo+1,B,T,D] or None): the stream entering layer lo, then each run
       layer's output (after its perturbation).
@@ -243,8 +247,8 @@ def decoder_stack(cfg: ModelConfig, params: dict, input_ids: jax.Array, attentio
     params = constrain_params(params)
     if attention_mask is None:
         attention_mask = jnp.ones((B, T), jnp.int32)
-    rope = rope_table(cfg, positions_from_mask(attention_mask))
-    mask = constrain(causal_mask(attention_mask), (*rules.TOKENS, None))
+    rope = rope_table(cfg, positions_from_mask(attention_mask) if positions is None else positions)
+    mask = constrain(causal_mask(attention_mask) if attn_mask is None else attn_mask, (*rules.TOKENS, None))
     if start_hidden is None:
         x = constrain(jnp.take(params["embed"], input_ids, axis=0), rules.RESIDUAL)
     else:

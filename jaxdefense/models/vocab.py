@@ -89,14 +89,13 @@ def masked_nll_sums(cfg, params, states: jax.Array, input_ids: jax.Array, loss_m
     return sums, jnp.sum(weights)
 
 
-def masked_nll_rows(cfg, params, states: jax.Array, input_ids: jax.Array, loss_mask: jax.Array,
-                    *, chunk: int = DEFAULT_CHUNK):
-    """(sums [S,B], counts [B]): `masked_nll_sums` split by sequence, Σ_t w[b,t]·nll_s[b,t] per row b
-    (sums.sum(1) equals masked_nll_sums' sums up to the order of the sum)."""
-    per_row, state, pos, weights = _row_nll(cfg, params, states, input_ids, loss_mask, chunk)
-    S, B, T = states.shape[0], *input_ids.shape
-    sums = jnp.zeros((S, B), per_row.dtype).at[jnp.asarray(state), pos // T].add(per_row)
-    return sums, jnp.sum(weights, axis=1)
+def masked_nll_positions(cfg, params, states: jax.Array, input_ids: jax.Array, loss_mask: jax.Array,
+                         *, chunk: int = DEFAULT_CHUNK) -> jax.Array:
+    """[S,B,T]: w[b,t]·nll_s[b,t] at every position (0 where the weight is 0), the terms that
+    `masked_nll_sums` adds up (sums = this summed over B and T, up to the order of the sum)."""
+    per_row, state, pos, _ = _row_nll(cfg, params, states, input_ids, loss_mask, chunk)
+    S, (B, T) = states.shape[0], input_ids.shape
+    return jnp.zeros((S, B * T), per_row.dtype).at[jnp.asarray(state), pos].add(per_row).reshape(S, B, T)
 
 
 def masked_state_ce(cfg, params, states: jax.Array, input_ids: jax.Array, loss_mask: jax.Array,

@@ -72,6 +72,27 @@ def test_mc_accuracy_equals_hand_argmax(tiny_model, tiny_tokenizer):
     assert len({int(np.argmax(r)) for r in raw}) > 1  # the random model does not always pick one slot
 
 
+def test_packed_choices_equal_one_row_per_choice(tiny_model, tiny_tokenizer):
+    """Choices of one context packed into one row (segment mask, restarted positions) score as
+    separate rows do; interleaving the contexts turns the packing off."""
+    cfg, params = tiny_model
+    contexts = ["Question: how to bake a cake\nAnswer:", "Question: pick a lock\nAnswer:"]
+    choices = [[" the cat", " please make cake", " no"], [" sorry", " here is how to pick it"]]
+    grouped = [(c, x) for c, xs in zip(contexts, choices) for x in xs]
+    interleaved = [(contexts[0], choices[0][0]), (contexts[1], choices[1][0]), (contexts[0], choices[0][1]),
+                   (contexts[1], choices[1][1]), (contexts[0], choices[0][2])]
+    lp, n = M.continuation_logprobs(cfg, params, tiny_tokenizer, grouped, batch_size=2, max_len=64)
+    lp_i, n_i = M.continuation_logprobs(cfg, params, tiny_tokenizer, interleaved, batch_size=2, max_len=64)
+    order = [grouped.index(pair) for pair in interleaved]
+    np.testing.assert_allclose(lp[order], lp_i, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(n[order], n_i)
+    assert n.tolist() == [len(tiny_tokenizer(x, add_special_tokens=False)["input_ids"]) for _, x in grouped]
+    mask = np.array([[1, 1, 1, 1, 0]])
+    np.testing.assert_array_equal(M.segment_mask(mask, np.array([[0, 1, 1, 2, 0]]))[0],
+                                  [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 0, 0, 1, 0], [1, 0, 0, 0, 1]])
+    assert M._row_positions(np.array([0, 0, 1, 1, 2, 2, 2])).tolist() == [0, 1, 2, 3, 2, 3, 4]
+
+
 def test_response_nll_equals_hand(tiny_model, tiny_tokenizer):
     from jaxdefense.data import encode_example
 
