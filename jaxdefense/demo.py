@@ -442,25 +442,16 @@ def _one_line(text: str, limit: int) -> str:
 
 
 def base_checkpoint(base=None) -> Path:
-    """The checkpoint `base` names: the embedded model (None), a pretrained model name (its installed
-    GGUF file, `models.pretrained`), a .gguf file, or an HF directory; CheckpointError (one line) otherwise."""
+    """The checkpoint `base` names: the embedded model (None), else what `pipeline.model_dir` resolves
+    (an HF or run directory, a .gguf file, a pretrained model name); CheckpointError (one line) otherwise."""
+    from jaxdefense import pipeline
     from jaxdefense.base_model import ASSET_DIR
-    from jaxdefense.models.pretrained import PRETRAINED, is_pretrained, pretrained_path
 
     if base is None:
         if not (ASSET_DIR / "config.json").exists():
             raise CheckpointError(f"base model {ASSET_DIR}: missing; build it with `jaxdefense build-base --out {ASSET_DIR}`")
         return ASSET_DIR
-    path = Path(base)
-    if is_pretrained(str(base)) and not path.exists():
-        try:
-            return pretrained_path(str(base))
-        except CheckpointError as e:
-            raise CheckpointError(f"base: {e}") from e
-    if (path.is_file() and path.suffix == ".gguf") or (path / "config.json").is_file():
-        return path
-    raise CheckpointError(f"base: {str(base)!r} is neither an HF directory (config.json), a .gguf file nor a "
-                          f"pretrained model name ({', '.join(sorted(PRETRAINED))})")
+    return pipeline.model_dir(base, key="base", error=CheckpointError)
 
 
 def load_base(base=None):

@@ -78,25 +78,26 @@ class RunResult:
 # ------------------------------------------------------------------------------- builders
 
 
-def model_dir(path: str | os.PathLike) -> Path:
+def model_dir(path: str | os.PathLike, key: str = "model.path", error: type[Exception] = ConfigError) -> Path:
     """The checkpoint behind a model path: an HF directory (DIR itself, or DIR/hf for a run directory),
-    a .gguf file, or the GGUF file of a named pretrained model (`models.PRETRAINED`)."""
-    from jaxdefense.models.pretrained import is_pretrained, pretrained_path
+    a .gguf file, or the GGUF file of a named pretrained model (`models.PRETRAINED`); otherwise
+    `error` (one line, prefixed by the config `key` it came from)."""
+    from jaxdefense.models.pretrained import PRETRAINED, is_pretrained, pretrained_path
 
     p = Path(path)
     if is_pretrained(str(path)) and not p.exists():
         try:
             return pretrained_path(str(path))
         except CheckpointError as e:
-            raise ConfigError(f"model.path: {e}") from e
+            raise error(f"{key}: {e}") from e
     if p.is_file() and p.suffix == ".gguf":
         return p
     if (p / HF_DIR / "config.json").is_file():
         return p / HF_DIR
     if (p / "config.json").is_file():
         return p
-    raise ConfigError(f"model.path: {str(path)!r} holds neither config.json nor {HF_DIR}/config.json "
-                      "(nor is it a .gguf file or a pretrained model name)")
+    raise error(f"{key}: {str(path)!r} holds neither config.json nor {HF_DIR}/config.json (nor is it a .gguf file "
+                f"or a pretrained model name: {', '.join(sorted(PRETRAINED))})")
 
 
 def build_model(section: C.ModelSection | None, seed: int):
