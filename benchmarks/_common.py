@@ -29,11 +29,12 @@ from jaxdefense.jsonutil import to_jsonable
 
 def parse_args(description: str, argv=None, extra: Callable[[argparse.ArgumentParser], None] | None = None):
     """--quick and --out DIR (created), plus anything `extra` adds. A real run (argv None) first
-    re-executes under jemalloc when it is installed (`jaxdefense.allocator`; JAXDEFENSE_JEMALLOC=0: off)."""
+    re-executes under jemalloc when it is installed, else with glibc huge pages where they apply
+    (`jaxdefense.allocator.tune_malloc`; JAXDEFENSE_JEMALLOC=0 / JAXDEFENSE_HUGETLB=0: off)."""
     if argv is None:
-        from jaxdefense.allocator import preload_jemalloc
+        from jaxdefense.allocator import tune_malloc
 
-        preload_jemalloc()
+        tune_malloc()
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="tiny config only, < 2 min on 2 CPU cores")
     parser.add_argument("--out", required=True, type=Path, help="output directory")
@@ -82,6 +83,7 @@ def machine_info() -> dict:
         "devices": [str(d) for d in jax.devices()],
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
         "jemalloc": jemalloc_loaded(),
+        "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", ""),
         **{k: v for k, v in versions().items() if k != "python"},
     }
 

@@ -107,9 +107,9 @@ def measure(name: str, steps: int) -> dict:
 
 def main(argv=None) -> int:
     if argv is None:
-        from jaxdefense.allocator import preload_jemalloc
+        from jaxdefense.allocator import tune_malloc
 
-        preload_jemalloc()
+        tune_malloc()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--quick", action="store_true", help="tiny config, 4 steps")

@@ -1,11 +1,11 @@
 """PyTorch + transformers vs jaxdefense: the SFT step, SEAM's estimator and the exact cosine gradient.
 
 `python -m benchmarks.torch_vs_jax [--quick] [--model smollm2-135m-instruct [--model-shape 2x64] [--model-only]]
-[--torch-compile] --out DIR`
+[--torch-compile] [--processes shared] [--alternations 2] --out DIR`
 
 Three operations, each on the same weights (the jaxdefense params written with `save_hf` and
 loaded by `transformers.AutoModelForCausalLM`, eager attention, float32) and the same token
-batches, timed in interleaved rounds in one process (medians after a warm-up call):
+batches, timed in interleaved rounds (medians after a warm-up call):
 
     sft_step      one AdamW step: forward + backward + update
                   (torch: loss.backward(); optimizer.step(); jax: train.loop.make_step of `sft`)
@@ -18,6 +18,14 @@ batches, timed in interleaved rounds in one process (medians after a warm-up cal
 
 The headline is jax / torch time per operation (goal ≤ 0.8, issue 13; docs/PERFORMANCE.md), and
 with --torch-compile also jax / torch.compile for the SFT step where inductor works here.
+Processes: by default ("separate") each stack runs in fresh worker processes of its own, the
+two stacks alternating `--alternations` times (torch, jax, torch, jax, ...; each worker times
+`--rounds` interleaved rounds of its three operations), and a median is taken over all rounds
+of a stack. This is how a researcher runs either stack, and it keeps one stack's heap and
+thread pool from shaping the other's timings: in one process, glibc's heap grown by one stack
+serves the other's buffers without page faults, and torch's OpenMP threads spin between
+calls. "shared" times both stacks interleaved in this one process. The agreement check (cos
+and ‖∇cos‖ from both stacks) always runs in this process.
 Configs: "small" (named_config, batch 8 × 128, the PERFORMANCE.md peer) and, with --model, a
 named or HF model (e.g. SmolLM2-135M-Instruct at batch 4 × 128, --model-shape to change it). A
 GGUF checkpoint (a pretrained name such as smollm2-135m-instruct, or a .gguf path) is loaded
@@ -28,7 +36,12 @@ also compares the two dequantisations. Writes torch_vs_jax.json/.png.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,6 +52,7 @@ import numpy as np
 import optax
 
 from benchmarks._common import lm_batch, machine_info, parse_args, time_interleaved, uniform_tokens, write_json
+from jaxdefense.jsonutil import to_jsonable
 
 GOAL = 0.8
 SHAPES = {"small": (8, 128), "quick": (2, 64), "model": (4, 128)}
@@ -195,30 +209,101 @@ def agreement(model, cfg, params, batch_a, batch_b) -> dict:
             "grad_norm": {"torch": float(torch.sqrt(sum((x * x).sum() for x in g_t))), "jax": float(tree_norm(g_j))}}
 
 
-def measure(name: str, cfg, params, shape, rounds: int, compile_sft: bool, gguf: Path | None = None) -> dict:
+def build(spec: dict):
+    """(cfg, params, gguf path or None) of a config spec: {"named": "small"|"tiny"} or {"model": name or path}."""
+    from jaxdefense.models import init_params, named_config
+
+    if "named" in spec:
+        cfg = named_config(spec["named"])
+        return cfg, init_params(cfg, jax.random.key(0)), None
+    from jaxdefense.config import ModelSection
+    from jaxdefense.pipeline import build_model, model_dir
+
+    model = spec["model"]
+    section = ModelSection(path=model) if Path(model).exists() else ModelSection(name=model)
+    cfg, params = build_model(section, 0)
+    source = model_dir(section.path) if section.path is not None else None
+    return cfg, jax.tree.map(jnp.asarray, params), source if source is not None and source.suffix == ".gguf" else None
+
+
+def batches(cfg, shape) -> tuple[dict, dict]:
     b, t = shape
-    low = 3
-    batch_a = lm_batch(uniform_tokens(0, b, t, low, cfg.vocab_size))
-    batch_b = lm_batch(uniform_tokens(1, b, t, low, cfg.vocab_size))
+    return (lm_batch(uniform_tokens(0, b, t, 3, cfg.vocab_size)), lm_batch(uniform_tokens(1, b, t, 3, cfg.vocab_size)))
+
+
+def load_torch(cfg, params, gguf: Path | None):
     if gguf is not None:
-        model = torch_model_from_gguf(gguf)
-    else:
-        with tempfile.TemporaryDirectory(prefix="torch_vs_jax-") as tmp:
-            model = torch_model(cfg, params, Path(tmp))
-    check = agreement(model, cfg, params, batch_a, batch_b)
-    fns_t = torch_ops(model, batch_a, batch_b, compile_sft)
-    extra = {k[1:]: fns_t.pop(k) for k in list(fns_t) if k.startswith("_")}
+        return torch_model_from_gguf(gguf)
+    with tempfile.TemporaryDirectory(prefix="torch_vs_jax-") as tmp:
+        return torch_model(cfg, params, Path(tmp))
+
+
+def stack_ops(stack: str, cfg, params, gguf, batch_a, batch_b, compile_sft: bool, model=None) -> tuple[dict, dict]:
+    """({op: (fn, args)}, extras such as torch.compile's time) of one stack."""
+    if stack == "jax":
+        return jax_ops(cfg, params, batch_a, batch_b), {}
+    fns = torch_ops(load_torch(cfg, params, gguf) if model is None else model, batch_a, batch_b, compile_sft)
+    extra = {k[1:]: fns.pop(k) for k in list(fns) if k.startswith("_")}
     extra.pop("exact_cos_value")
-    fns_j = jax_ops(cfg, params, batch_a, batch_b)
-    fns = {**{f"torch/{k}": v for k, v in fns_t.items()}, **{f"jax/{k}": v for k, v in fns_j.items()}}
-    timings = time_interleaved(fns, rounds)
-    ratios = {op: timings[f"jax/{op}"]["median_s"] / timings[f"torch/{op}"]["median_s"] for op in fns_j}
+    return fns, extra
+
+
+def run_worker(job: dict, out: Path) -> None:
+    """One stack's timings of one config in this process: out/worker.json = {"timings", "extra"}."""
+    cfg, params, gguf = build(job["spec"])
+    fns, extra = stack_ops(job["stack"], cfg, params, gguf, *batches(cfg, job["shape"]), job["compile_sft"])
+    (out / "worker.json").write_text(json.dumps(to_jsonable({"timings": time_interleaved(fns, job["rounds"]),
+                                                             "extra": extra})))
+
+
+def separate_timings(spec: dict, shape, rounds: int, compile_sft: bool, alternations: int) -> tuple[dict, dict]:
+    """{"stack/op": timing} from fresh worker processes, torch and jax alternating `alternations`
+    times; each stack's median and min are over the rounds of all its workers."""
+    per_stack, extra = {"torch": [], "jax": []}, {}
+    for _ in range(alternations):
+        for stack in per_stack:
+            job = {"spec": spec, "shape": list(shape), "stack": stack, "rounds": rounds, "compile_sft": compile_sft}
+            with tempfile.TemporaryDirectory(prefix="torch_vs_jax-worker-") as tmp:
+                subprocess.run([sys.executable, "-m", "benchmarks.torch_vs_jax", "--worker", json.dumps(job),
+                                "--out", tmp], check=True, cwd=Path(__file__).resolve().parents[1])
+                result = json.loads((Path(tmp) / "worker.json").read_text())
+            per_stack[stack].append(result["timings"])
+            extra.update(result["extra"])
+    timings = {}
+    for stack, workers in per_stack.items():
+        for op in workers[0]:
+            times = [t for w in workers for t in w[op]["times_s"]]
+            cpu = [t for w in workers for t in w[op]["cpu_times_s"]]
+            timings[f"{stack}/{op}"] = {
+                "median_s": statistics.median(times), "min_s": min(times), "times_s": times,
+                "cpu_median_s": statistics.median(cpu), "worker_medians_s": [w[op]["median_s"] for w in workers],
+                "first_call_s": statistics.median(w[op]["first_call_s"] for w in workers)}
+    return timings, extra
+
+
+def measure(name: str, spec: dict, shape, rounds: int, compile_sft: bool, processes: str = "separate",
+            alternations: int = 2) -> dict:
+    cfg, params, gguf = build(spec)
+    batch_a, batch_b = batches(cfg, shape)
+    model = load_torch(cfg, params, gguf)
+    check = agreement(model, cfg, params, batch_a, batch_b)
+    if processes == "separate":
+        del model
+        timings, extra = separate_timings(spec, shape, rounds, compile_sft, alternations)
+    else:
+        fns_t, extra = stack_ops("torch", cfg, params, gguf, batch_a, batch_b, compile_sft, model=model)
+        fns_j, _ = stack_ops("jax", cfg, params, gguf, batch_a, batch_b, compile_sft)
+        timings = time_interleaved({**{f"torch/{k}": v for k, v in fns_t.items()},
+                                    **{f"jax/{k}": v for k, v in fns_j.items()}}, rounds)
+    ops = [k.split("/", 1)[1] for k in timings if k.startswith("jax/")]
+    ratios = {op: timings[f"jax/{op}"]["median_s"] / timings[f"torch/{op}"]["median_s"] for op in ops}
     if "torch/sft_step_compiled" in timings:
         ratios["sft_step_vs_compiled"] = timings["jax/sft_step"]["median_s"] / timings["torch/sft_step_compiled"]["median_s"]
-    tokens = b * t
+    b, t = shape
     return {"config": name, "batch": b, "seq": t, "num_params": int(sum(x.size for x in jax.tree.leaves(params))),
+            "processes": processes, "alternations": alternations if processes == "separate" else None,
             "timings": timings, "jax_over_torch": ratios,
-            "sft_tokens_per_s": {k: tokens / timings[f"{k}/sft_step"]["median_s"] for k in ("jax", "torch")},
+            "sft_tokens_per_s": {k: b * t / timings[f"{k}/sft_step"]["median_s"] for k in ("jax", "torch")},
             "goal": GOAL, "met": {k: v <= GOAL for k, v in ratios.items()}, "agreement": check,
             "torch_weights": "transformers GGUF load" if gguf is not None else "save_hf of the jax params", **extra}
 
@@ -252,28 +337,27 @@ def main(argv=None) -> dict:
         p.add_argument("--torch-compile", action="store_true", help="also torch.compile's SFT step")
         p.add_argument("--model-shape", default=None, help="batch x seq for --model (default 4x128)")
         p.add_argument("--model-only", action="store_true", help="skip the small/tiny config")
+        p.add_argument("--processes", choices=("separate", "shared"), default="separate",
+                       help="each stack in its own worker processes (default), or both in this one")
+        p.add_argument("--alternations", type=int, default=2, help="separate: worker pairs per config")
+        p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
 
     args = parse_args(__doc__.splitlines()[0], argv, extra)
-    from jaxdefense.models import init_params, named_config
-
+    if args.worker is not None:
+        run_worker(json.loads(args.worker), args.out)
+        return {}
+    if args.alternations < 1:
+        raise SystemExit(f"--alternations: must be ≥ 1, got {args.alternations}")
     rounds = args.rounds or (2 if args.quick else 5)
-    results = {}
-    name = "tiny" if args.quick else "small"
+    jobs = {}
     if not (args.model and args.model_only):
-        cfg = named_config(name)
-        results[name] = measure(name, cfg, init_params(cfg, jax.random.key(0)),
-                                SHAPES["quick" if args.quick else "small"], rounds, args.torch_compile)
+        name = "tiny" if args.quick else "small"
+        jobs[name] = ({"named": name}, SHAPES["quick" if args.quick else "small"])
     if args.model:
-        from jaxdefense.config import ModelSection
-        from jaxdefense.pipeline import build_model, model_dir
-
-        section = ModelSection(path=args.model) if Path(args.model).exists() else ModelSection(name=args.model)
-        cfg, params = build_model(section, 0)
-        source = model_dir(section.path) if section.path is not None else None
         shape = SHAPES["model"] if args.model_shape is None else tuple(int(x) for x in args.model_shape.split("x"))
-        results[args.model] = measure(args.model, cfg, jax.tree.map(jnp.asarray, params), shape, rounds,
-                                      args.torch_compile, gguf=source if source is not None and source.suffix == ".gguf"
-                                      else None)
+        jobs[args.model] = ({"model": args.model}, shape)
+    results = {name: measure(name, spec, shape, rounds, args.torch_compile, args.processes, args.alternations)
+               for name, (spec, shape) in jobs.items()}
     for k, r in results.items():
         print(f"[torch_vs_jax] {k}: " + ", ".join(f"{op} {v:.2f}x" for op, v in r["jax_over_torch"].items()),
               flush=True)

@@ -9,9 +9,9 @@ non-finite flags, grad norm — jitted with donated params/opt state, and report
 
     tokens/s = batch · seq_len / median(step time)   (after warm-up)
 
-plus `value_and_grad` alone for reference. `--allocators` times the small step under glibc
-malloc and under jemalloc (when installed; `jaxdefense.allocator`) in alternating fresh
-processes. `--sweep` re-runs the small config in child
+plus `value_and_grad` alone for reference. `--allocators` times the small step under plain glibc
+malloc, glibc with huge pages and jemalloc (those available; `jaxdefense.allocator`) in
+alternating fresh processes. `--sweep` re-runs the small config in child
 processes under XLA_FLAGS variants (flags must be set before jax starts) and reports each
 as a ratio to the default flags measured in the same run.
 
@@ -173,45 +173,52 @@ def _child(configs: str, repeats: int, env: dict) -> list[dict]:
 
 
 def allocators(repeats: int, rounds: int = 2) -> dict:
-    """The small-config step in fresh processes under glibc malloc and under jemalloc
-    (`jaxdefense.allocator`), alternating for `rounds` rounds; medians over rounds and the ratio."""
+    """The small-config step in fresh processes under plain glibc malloc, glibc with huge pages and
+    jemalloc (those available; `jaxdefense.allocator`), alternating for `rounds` rounds; medians
+    over rounds and each variant's speedup over plain glibc."""
     import statistics
 
-    from jaxdefense.allocator import ENV, MARKER, jemalloc_path
+    from jaxdefense.allocator import ENV, HUGETLB_ENV, MARKER, hugetlb_tunable, jemalloc_path
 
-    lib = jemalloc_path({k: v for k, v in os.environ.items() if k != "LD_PRELOAD"})
-    if lib is None:
-        return {"error": "jemalloc is not installed (Debian/Ubuntu libjemalloc2, or JAXDEFENSE_JEMALLOC=PATH)"}
-    clean = {k: v for k, v in os.environ.items() if k not in (MARKER, "LD_PRELOAD")}
-    variants = {"glibc": {**clean, ENV: "0"}, "jemalloc": {**clean, ENV: lib}}
+    clean = {k: v for k, v in os.environ.items() if k not in (MARKER, ENV, HUGETLB_ENV, "LD_PRELOAD", "GLIBC_TUNABLES")}
+    variants = {"glibc": {**clean, ENV: "0", HUGETLB_ENV: "0"}}
+    if hugetlb_tunable(clean) is not None:
+        variants["glibc_hugetlb"] = {**clean, ENV: "0", HUGETLB_ENV: "1"}
+    lib = jemalloc_path(clean)
+    if lib is not None:
+        variants["jemalloc"] = {**clean, ENV: lib}
+    if len(variants) == 1:
+        return {"error": "neither jemalloc (libjemalloc2, or JAXDEFENSE_JEMALLOC=PATH) nor glibc huge pages "
+                         "(glibc >= 2.35, transparent_hugepage madvise/always) is available"}
     runs = {label: [] for label in variants}
     for _ in range(rounds):
         for label, env in variants.items():
             runs[label].append({r["compute_dtype"]: r for r in _child("small", repeats, env)})
-    out = {"library": lib, "rounds": rounds}
+    out = {"jemalloc_library": lib, "rounds": rounds}
     for label, rows in runs.items():
         out[label] = {dt: {k: statistics.median(r[dt][k] for r in rows) for k in ("step_ms", "step_cpu_ms", "tokens_per_s")}
                       for dt in rows[0]}
-    out["speedup"] = {dt: {"wall": out["glibc"][dt]["step_ms"] / out["jemalloc"][dt]["step_ms"],
-                           "cpu": out["glibc"][dt]["step_cpu_ms"] / out["jemalloc"][dt]["step_cpu_ms"]}
-                      for dt in out["glibc"]}
-    for dt, sp in out["speedup"].items():
-        print(f"  allocator {dt}: glibc {out['glibc'][dt]['step_ms']:.1f} ms, jemalloc {out['jemalloc'][dt]['step_ms']:.1f} ms "
-              f"(wall ×{sp['wall']:.2f}, cpu ×{sp['cpu']:.2f})", file=sys.stderr, flush=True)
+    out["speedup"] = {label: {dt: {"wall": out["glibc"][dt]["step_ms"] / out[label][dt]["step_ms"],
+                                   "cpu": out["glibc"][dt]["step_cpu_ms"] / out[label][dt]["step_cpu_ms"]}
+                              for dt in out["glibc"]} for label in variants if label != "glibc"}
+    for label, per_dtype in out["speedup"].items():
+        for dt, sp in per_dtype.items():
+            print(f"  allocator {dt}: glibc {out['glibc'][dt]['step_ms']:.1f} ms, {label} {out[label][dt]['step_ms']:.1f} ms "
+                  f"(wall ×{sp['wall']:.2f}, cpu ×{sp['cpu']:.2f})", file=sys.stderr, flush=True)
     return out
 
 
 def main(argv=None) -> int:
     if argv is None:
-        from jaxdefense.allocator import preload_jemalloc
+        from jaxdefense.allocator import tune_malloc
 
-        preload_jemalloc()
+        tune_malloc()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--quick", action="store_true", help="fewer repeats, no sweep (< 2 min)")
     parser.add_argument("--sweep", action="store_true", help="also time XLA_FLAGS variants")
     parser.add_argument("--allocators", action="store_true",
-                        help="also time glibc malloc vs jemalloc (fresh processes, same run)")
+                        help="also time glibc malloc vs glibc huge pages vs jemalloc (fresh processes, same run)")
     parser.add_argument("--configs", default="tiny,small")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

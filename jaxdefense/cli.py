@@ -97,15 +97,15 @@ def _selected(argv: Sequence[str]) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The CLI; as the process entry (argv None) it first re-executes under jemalloc when installed
-    (`jaxdefense.allocator`)."""
+    """The CLI; as the process entry (argv None) it first re-executes under jemalloc when installed,
+    else with glibc's huge-page tunable where that applies (`jaxdefense.allocator.tune_malloc`)."""
     entry = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if entry:
-            from jaxdefense.allocator import preload_jemalloc
+            from jaxdefense.allocator import tune_malloc
 
-            preload_jemalloc()
+            tune_malloc()
         parser, runners = build_parser(_selected(argv))
         args = parser.parse_args(argv)
         if args.command is None:

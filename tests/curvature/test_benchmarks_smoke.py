@@ -181,3 +181,23 @@ def test_estimator_error_quick(tmp_path):
                 assert data["best_eps"][f"tiny/{state}/{precision}/{estimator}"]["rel_error"] == min(errs)
     for name in ("estimator_error.png", "estimator_error_fp64.png", "estimator_error_fp32.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+@pytest.mark.slow  # four worker processes (torch and jax, twice) on the tiny config
+def test_torch_vs_jax_quick_separate_processes(tmp_path):
+    pytest.importorskip("torch")
+    from benchmarks import torch_vs_jax
+
+    data = torch_vs_jax.main(["--quick", "--rounds", "2", "--out", str(tmp_path)])
+    tiny = data["configs"]["tiny"]
+    assert tiny["processes"] == "separate" and tiny["alternations"] == 2
+    agree = tiny["agreement"]
+    assert agree["cos"]["jax"] == pytest.approx(agree["cos"]["torch"], rel=1e-4, abs=1e-6)
+    assert agree["grad_norm"]["jax"] == pytest.approx(agree["grad_norm"]["torch"], rel=1e-4)
+    for key, timing in tiny["timings"].items():
+        assert len(timing["times_s"]) == 4 and len(timing["worker_medians_s"]) == 2, key
+        assert timing["median_s"] == pytest.approx(statistics.median(timing["times_s"]))
+    for op, ratio in tiny["jax_over_torch"].items():
+        assert ratio == pytest.approx(tiny["timings"][f"jax/{op}"]["median_s"] / tiny["timings"][f"torch/{op}"]["median_s"])
+    assert json.loads((tmp_path / "torch_vs_jax.json").read_text())["configs"]["tiny"]["jax_over_torch"]
+    assert (tmp_path / "torch_vs_jax.png").stat().st_size > 0
