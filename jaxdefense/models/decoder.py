@@ -137,17 +137,19 @@ def decoder_layer(cfg: ModelConfig, p: dict, x: jax.Array, rope, mask: jax.Array
 
     x [B,T,D]; rope = rope_table(cfg, positions of x's tokens); mask bool [B,T,S] over the keys.
     Without a cache the keys are x's own (S = T: forward, prefill) and kv = (k, v) [B,T,Hk,Dh].
-    With cache = (k_cache, v_cache) [L,B,S,Hk,Dh] and index = (layer, slot), x's k, v are written at
-    [layer, :, slot:slot+T], attention runs over that layer's whole cache, and kv is the updated cache.
+    With cache = (k_cache, v_cache) [L,B,Hk,S,Dh] (heads before slots: the attention dots read a
+    layer's cache in place, with no per-token transpose) and index = (layer, slot), x's k, v are
+    written at [layer, :, :, slot:slot+T], attention runs over that layer's whole cache, and kv is
+    the updated cache.
     """
     q, k, v = project_qkv(cfg, p, rms_norm(x, p["attn_norm"], cfg.rms_norm_eps), rope)
     if cache is None:
         kv = (k, v)
     else:
         layer, slot = index
-        kv = tuple(lax.dynamic_update_slice(c, new[None].astype(c.dtype), (layer, 0, slot, 0, 0))
+        kv = tuple(lax.dynamic_update_slice(c, jnp.swapaxes(new, 1, 2)[None].astype(c.dtype), (layer, 0, 0, slot, 0))
                    for c, new in zip(cache, (k, v)))
-        k, v = (lax.dynamic_index_in_dim(c, layer, 0, False) for c in kv)
+        k, v = (jnp.swapaxes(lax.dynamic_index_in_dim(c, layer, 0, False), 1, 2) for c in kv)
     x = constrain(x + dense(attend(q, k, v, mask), p["wo"]), rules.RESIDUAL)
     return constrain(x + mlp(p, rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)), rules.RESIDUAL), kv
 

@@ -1,4 +1,4 @@
-"""Batched sampling with a KV cache (k, v caches [L, B, S, Hk, Dh]) through `decoder_layer`.
+"""Batched sampling with a KV cache (k, v caches [L, B, Hk, S, Dh]) through `decoder_layer`.
 
 Prompts are left-aligned on the host (right-padded rows are moved), padded on the left to a
 multiple of PROMPT_BUCKET (P), the new-token budget to a power of two ≥ MIN_NEW_BUCKET (N), and
@@ -92,17 +92,18 @@ def _cache_size(prompt_width: int, new_bucket: int) -> int:
 
 @functools.partial(jax.jit, static_argnames=("cfg", "cache_size"))
 def _prefill_jit(params, ids, mask, *, cfg: ModelConfig, cache_size: int):
-    """The prompt pass: last-position logits [B,V], caches k, v [L,B,cache_size,Hk,Dh] holding the prompt
+    """The prompt pass: last-position logits [B,V], caches k, v [L,B,Hk,cache_size,Dh] holding the prompt
     at slots [0, P), the valid-key mask [B, cache_size] and each row's last position [B]."""
     B, P = ids.shape
     logits, ks, vs = _prefill(cfg, params, ids, mask)
-    pad_kv = ((0, 0), (0, 0), (0, cache_size - P), (0, 0), (0, 0))
+    pad_kv = ((0, 0), (0, 0), (0, 0), (0, cache_size - P), (0, 0))
     valid = jnp.concatenate([mask > 0, jnp.zeros((B, cache_size - P), jnp.bool_)], axis=1)
-    return logits, (jnp.pad(ks, pad_kv), jnp.pad(vs, pad_kv)), valid, positions_from_mask(mask)[:, -1]
+    caches = tuple(jnp.pad(jnp.swapaxes(c, 2, 3), pad_kv) for c in (ks, vs))
+    return logits, caches, valid, positions_from_mask(mask)[:, -1]
 
 
 def _decode_step(cfg, params, tok, pos, slot, caches, valid):
-    """Logits [B,V] for one new token per row at cache slot `slot`; caches (k, v) [L,B,S,Hk,Dh] updated in place."""
+    """Logits [B,V] for one new token per row at cache slot `slot`; caches (k, v) [L,B,Hk,S,Dh] updated in place."""
     step_mask, rope = valid[:, None, :], rope_table(cfg, pos[:, None])
 
     def layer(carry, inputs):
