@@ -23,8 +23,9 @@ demo: $(STAMP)
 	rm -rf runs/demo
 	$(BIN)/jaxdefense demo --out runs/demo
 
+# glibc >= 2.35 backs the heap with transparent huge pages (as the CLI does, jaxdefense/allocator.py); older glibc ignores it
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	GLIBC_TUNABLES=glibc.malloc.hugetlb=1 $(BIN)/python -m pytest -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) runs

@@ -44,6 +44,9 @@ FLAG_VARIANTS = {
     "xnnpack": "--xla_cpu_use_xnnpack=true",
     "onednn": "--xla_cpu_use_onednn=true",
     "no_thunk_runtime": "--xla_cpu_use_thunk_runtime=false",
+    "ynn_eltwise_reduce": "--xla_cpu_experimental_ynn_fusion_type=+eltwise,+reduce",
+    "xnn_graph_greedy": "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY",
+    "concurrency_scheduler": "--xla_cpu_enable_concurrency_optimized_scheduler=true",
 }
 
 
