@@ -201,3 +201,19 @@ def test_torch_vs_jax_quick_separate_processes(tmp_path):
         assert ratio == pytest.approx(tiny["timings"][f"jax/{op}"]["median_s"] / tiny["timings"][f"torch/{op}"]["median_s"])
     assert json.loads((tmp_path / "torch_vs_jax.json").read_text())["configs"]["tiny"]["jax_over_torch"]
     assert (tmp_path / "torch_vs_jax.png").stat().st_size > 0
+
+
+@pytest.mark.slow  # compiles the tiny SFT and SEAM-exact steps
+def test_mfu_quick_flops_agree_with_the_textbook_count(tmp_path):
+    from benchmarks import mfu
+
+    data = mfu.main(["--quick", "--out", str(tmp_path), "--peak-tflops", "0.5"])
+    sft, seam = data["rows"]["sft_step"], data["rows"]["seam_exact"]
+    # XLA counts the elementwise work too; the weight and attention matmuls are the bulk
+    assert 1.0 <= sft["xla_over_textbook"] <= 1.5
+    # SEAM-exact: the primary loss over two streams plus two forward-over-reverse products
+    assert data["rows"]["seam_exact_over_sft_flops"] > 4.0
+    for row in (sft, seam):
+        assert row["mfu"] == pytest.approx(row["xla_flops"] / row["step_s"] / 1e12 / 0.5)
+    assert mfu.peak_tflops(type("D", (), {"device_kind": "NVIDIA H200"})(), "bfloat16") == 989.0
+    assert mfu.peak_tflops(jax.devices("cpu")[0], "bfloat16") is None
