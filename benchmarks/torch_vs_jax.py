@@ -8,7 +8,8 @@ loaded by `transformers.AutoModelForCausalLM`, eager attention, float32) and the
 batches, timed in interleaved rounds (medians after a warm-up call):
 
     sft_step      one AdamW step: forward + backward + update
-                  (torch: loss.backward(); optimizer.step(); jax: train.loop.make_step of `sft`)
+                  (torch: loss.backward(); optimizer.step(); jax: train.loop.make_step of `sft`,
+                  params and optimiser state donated as the training loop does)
     seam_forward  SEAM's one-sided finite-difference ∇cos(g_a, g_b), 4 gradient evaluations:
                   (1/ε)[(g_b(θ+ε(ḡ_a−cḡ_b)) − g_b)/‖g_b‖ + (g_a(θ+ε(ḡ_b−cḡ_a)) − g_a)/‖g_a‖]
                   (torch: in-place perturbation of the parameters as the official SeamTrainer;
@@ -180,9 +181,16 @@ def jax_ops(cfg, params, batch_a: dict, batch_b: dict) -> dict:
 
     sft = get_method("sft").bind(cfg)
     optimizer = optax.adamw(LR)
-    step = jax.jit(make_step(sft.grad, optimizer))
-    opt_state = optimizer.init(params)
-    step_args = (params, opt_state, {"train": batch_a}, None, jax.random.key(0), np.int32(0))
+    # as the training loop runs it: params and optimiser state donated (torch updates in place)
+    step = jax.jit(make_step(sft.grad, optimizer), donate_argnums=(0, 1))
+    own = jax.tree.map(jnp.copy, params)
+    state = [own, optimizer.init(own)]
+    batches = {"train": batch_a}
+
+    def sft_step():
+        params_, opt_state, metrics, *_ = step(*state, batches, None, jax.random.key(0), np.int32(0))
+        state[:] = [params_, opt_state]
+        return metrics["loss"]
 
     def loss(p, batch):
         return lm_loss(cfg, p, batch)
@@ -190,7 +198,7 @@ def jax_ops(cfg, params, batch_a: dict, batch_b: dict) -> dict:
     def cos_fn(estimator):
         return jax.jit(lambda p: cosine_grad(loss, batch_a, loss, batch_b, p, estimator=estimator, eps=EPS)[1])
 
-    return {"sft_step": (step.lower(*step_args).compile(), step_args),
+    return {"sft_step": (sft_step, ()),
             "seam_forward": (cos_fn("forward").lower(params).compile(), (params,)),
             "exact_cos": (cos_fn("exact").lower(params).compile(), (params,))}
 

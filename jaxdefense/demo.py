@@ -260,12 +260,17 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+CURVE_COLUMNS = 8
+
+
 def curve_table(curves: dict, key: str, steps=(0, 1, 2, 3, 5, 8, 10)) -> str:
-    """Markdown: one row per attack run, `key` at the given attack steps and at the last step."""
+    """Markdown: one row per attack run, `key` at every measured attack step when there are at most
+    CURVE_COLUMNS of them, else at those of `steps` that were measured and at the last step."""
     if not curves:
         return "(no attack runs)"
-    last = max(c["step"] for curve in curves.values() for c in curve)
-    shown = [s for s in steps if s < last] + [last]
+    measured = sorted({c["step"] for curve in curves.values() for c in curve})
+    last = measured[-1]
+    shown = measured if len(measured) <= CURVE_COLUMNS else [s for s in steps if s < last and s in measured] + [last]
     lines = ["| run | " + " | ".join(f"step {s}" for s in shown) + " |", "|---" * (len(shown) + 1) + "|"]
     for name, curve in curves.items():
         at = {c["step"]: c.get(key) for c in curve}

@@ -211,3 +211,15 @@ def test_demo_rl_quick_end_to_end(tmp_path):
     assert all(r["entropy"] > 0 for r in report["rows"])
     assert "rl_curves.png" in report["plots"] and (out / "rl_curves.png").stat().st_size > 1000
     assert "## RL attack" in (out / "report.md").read_text()
+
+
+def test_curve_table_shows_the_measured_steps():
+    from jaxdefense.demo import curve_table
+
+    sparse = {"none|harmful_sft|0.0001": [{"step": s, "benign_nll": 2.0 + s / 100} for s in (0, 6, 12)]}
+    head, _, row = curve_table(sparse, "benign_nll").splitlines()
+    assert head == "| run | step 0 | step 6 | step 12 |"
+    assert row == "| undefended harmful_sft lr=0.0001 | 2.000 | 2.060 | 2.120 |"
+    dense = {"seam|harmful_sft|0.0001": [{"step": s, "benign_nll": 1.0} for s in range(21)]}
+    assert curve_table(dense, "benign_nll").splitlines()[0] == (
+        "| run | " + " | ".join(f"step {s}" for s in (0, 1, 2, 3, 5, 8, 10, 20)) + " |")
