@@ -90,7 +90,8 @@ def test_init_values_and_key_order():
 
 
 def test_cached_layer_equals_uncached_layer():
-    """decoder_layer with a KV cache (k, v written at [layer, :, slot:]) reproduces the cache-free block."""
+    """decoder_layer with a KV cache [L,B,Hk,S,Dh] (k, v written at [layer, :, :, slot:]) reproduces the
+    cache-free block."""
     cfg = named_config("tiny-qwen3")
     p = jax.tree.map(lambda x: x[1], init_params(cfg, jax.random.key(1))["layers"])
     p = jax.tree.map(lambda x: 4 * x, p)
@@ -99,16 +100,16 @@ def test_cached_layer_equals_uncached_layer():
     mask = jnp.ones((B, T), jnp.int32).at[1, :2].set(0)
     rope = rope_table(cfg, positions_from_mask(mask))
     ref, (k, v) = decoder_layer(cfg, p, x, rope, causal_mask(mask))
-    cache = tuple(jnp.zeros((cfg.num_layers, B, S, cfg.num_kv_heads, cfg.head_dim)) for _ in range(2))
+    cache = tuple(jnp.zeros((cfg.num_layers, B, cfg.num_kv_heads, S, cfg.head_dim)) for _ in range(2))
     wide_mask = jnp.pad(causal_mask(mask), ((0, 0), (0, 0), (0, S - T)))
     out, (ck, cv) = decoder_layer(cfg, p, x, rope, wide_mask, cache, (1, 0))
     np.testing.assert_allclose(out, ref, atol=1e-6)
-    np.testing.assert_array_equal(ck[1, :, :T], k)
-    np.testing.assert_array_equal(cv[1, :, :T], v)
-    assert float(jnp.abs(ck[0]).max()) == float(jnp.abs(ck[1, :, T:]).max()) == 0.0
+    np.testing.assert_array_equal(ck[1, :, :, :T], jnp.swapaxes(k, 1, 2))
+    np.testing.assert_array_equal(cv[1, :, :, :T], jnp.swapaxes(v, 1, 2))
+    assert float(jnp.abs(ck[0]).max()) == float(jnp.abs(ck[1, :, :, T:]).max()) == 0.0
     # the last token alone at slot T-1, over the cache holding tokens < T-1
     last, _ = decoder_layer(cfg, p, x[:, -1:], jax.tree.map(lambda r: r[:, -1:], rope), wide_mask[:, -1:],
-                            (ck.at[1, :, T - 1].set(0), cv.at[1, :, T - 1].set(0)), (1, T - 1))
+                            (ck.at[1, :, :, T - 1].set(0), cv.at[1, :, :, T - 1].set(0)), (1, T - 1))
     np.testing.assert_allclose(last[:, 0], ref[:, -1], atol=1e-5)
 
 
