@@ -120,6 +120,20 @@ def time_interleaved(fns: dict, rounds: int, *, warmup: int = 1) -> dict:
     return result
 
 
+def donated_step(step, params, opt_state, *rest):
+    """A no-argument call of a train step that donates its (params, opt_state) — `train.loop.make_step`
+    jitted with donate_argnums=(0, 1), as the training loop runs it — carrying the updated pair from
+    call to call; it returns the step's metrics. params and opt_state are consumed."""
+    state = [params, opt_state]
+
+    def call():
+        new_params, new_opt_state, metrics, *_ = step(*state, *rest)
+        state[:] = [new_params, new_opt_state]
+        return metrics
+
+    return call
+
+
 def compile_timed(jitted, *args):
     """(`jitted.lower(*args).compile()`, seconds it took): compile once, then time and measure
     memory on the same executable."""

@@ -26,13 +26,12 @@ Goals (issue 13): SFT ≥ 40%, SEAM-exact ≥ 35% on a ~1B Llama in bf16 on one 
 
 from __future__ import annotations
 
-import time
-
 import jax
 import numpy as np
 import optax
 
-from benchmarks._common import machine_info, parse_args, write_json
+from benchmarks._common import (compile_timed, compiled_memory, donated_step, machine_info, parse_args,
+                               time_interleaved, write_json)
 
 GOALS = {"sft_step": 0.40, "seam_exact": 0.35}
 PEAK_TFLOPS = {  # dense, per chip: (bf16, float32 via TF32)
@@ -78,41 +77,24 @@ def measure(cfg, batch: int, seq: int, dtype: str, steps: int, peak: float | Non
         objective = objective.bind(cfg).prepare(SyntheticTokenizer())
         batches = jax.device_put(synthetic_batches(objective.streams(), {"batch": batch, "seq": seq}, cfg.vocab_size))
         params = init_params(cfg, jax.random.key(0))
-        state = [params, optimizer.init(params)]
         step = jax.jit(make_step(objective.grad, optimizer, dtype), donate_argnums=(0, 1))
-        start = time.perf_counter()
-        compiled = step.lower(*state, batches, None, jax.random.key(1), np.int32(0)).compile()
-        compile_s = time.perf_counter() - start
+        args = (params, optimizer.init(params), batches, None, jax.random.key(1), np.int32(0))
+        compiled, compile_s = compile_timed(step, *args)
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         flops = float(cost.get("flops", float("nan")))
-        times = []
-        for i in range(steps + 1):
-            start = time.perf_counter()
-            out = compiled(*state, batches, None, jax.random.key(1), np.int32(i))
-            jax.block_until_ready(out[2]["loss"])
-            if i:  # the first call pays allocation and transfer
-                times.append(time.perf_counter() - start)
-            state = [out[0], out[1]]
-        median = float(np.median(times))
-        achieved = flops / median / 1e12
-        rows[label] = {"step_s": median, "min_step_s": float(min(times)), "compile_s": compile_s,
+        memory = compiled_memory(compiled)
+        t = time_interleaved({"step": (donated_step(compiled, *args), ())}, steps)["step"]
+        achieved = flops / t["median_s"] / 1e12
+        rows[label] = {"step_s": t["median_s"], "min_step_s": t["min_s"], "compile_s": compile_s,
                        "xla_flops": flops, "achieved_tflops": achieved,
                        "mfu": None if peak is None else achieved / peak, "goal": GOALS[label],
-                       "streams": list(objective.streams()), "memory_stats": _memory(compiled)}
-        del state, out, compiled
+                       "streams": list(objective.streams()), "memory": memory}
+        del args, compiled
     rows["sft_step"]["textbook_flops"] = textbook_sft_flops(cfg, batch, seq)
     rows["sft_step"]["xla_over_textbook"] = rows["sft_step"]["xla_flops"] / rows["sft_step"]["textbook_flops"]
     rows["seam_exact_over_sft_flops"] = rows["seam_exact"]["xla_flops"] / rows["sft_step"]["xla_flops"]
     return rows
-
-
-def _memory(compiled) -> dict:
-    try:
-        stats = compiled.memory_analysis()
-        return {"temp_bytes": int(stats.temp_size_in_bytes), "argument_bytes": int(stats.argument_size_in_bytes)}
-    except Exception:  # noqa: BLE001 - backends without memory analysis
-        return {}
 
 
 def main(argv=None) -> dict:
@@ -123,7 +105,7 @@ def main(argv=None) -> dict:
         p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
         p.add_argument("--remat", default="dots-saveable", choices=("none", "dots-saveable", "everything"))
         p.add_argument("--peak-tflops", type=float, default=None, help="the device's dense peak (default: PEAK_TFLOPS)")
-        p.add_argument("--steps", type=int, default=10, help="timed steps after one untimed call")
+        p.add_argument("--steps", type=int, default=10, help="timed steps after one warm-up call")
 
     args = parse_args(__doc__.splitlines()[0], argv, extra)
     from jaxdefense.models import named_config

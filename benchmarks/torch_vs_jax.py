@@ -52,8 +52,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks._common import lm_batch, machine_info, parse_args, time_interleaved, uniform_tokens, write_json
-from jaxdefense.jsonutil import to_jsonable
+from benchmarks._common import (donated_step, lm_batch, machine_info, parse_args, time_interleaved, uniform_tokens,
+                               write_json)
 
 GOAL = 0.8
 SHAPES = {"small": (8, 128), "quick": (2, 64), "model": (4, 128)}
@@ -184,13 +184,7 @@ def jax_ops(cfg, params, batch_a: dict, batch_b: dict) -> dict:
     # as the training loop runs it: params and optimiser state donated (torch updates in place)
     step = jax.jit(make_step(sft.grad, optimizer), donate_argnums=(0, 1))
     own = jax.tree.map(jnp.copy, params)
-    state = [own, optimizer.init(own)]
-    batches = {"train": batch_a}
-
-    def sft_step():
-        params_, opt_state, metrics, *_ = step(*state, batches, None, jax.random.key(0), np.int32(0))
-        state[:] = [params_, opt_state]
-        return metrics["loss"]
+    sft_step = donated_step(step, own, optimizer.init(own), {"train": batch_a}, None, jax.random.key(0), np.int32(0))
 
     def loss(p, batch):
         return lm_loss(cfg, p, batch)
@@ -260,8 +254,7 @@ def run_worker(job: dict, out: Path) -> None:
     """One stack's timings of one config in this process: out/worker.json = {"timings", "extra"}."""
     cfg, params, gguf = build(job["spec"])
     fns, extra = stack_ops(job["stack"], cfg, params, gguf, *batches(cfg, job["shape"]), job["compile_sft"])
-    (out / "worker.json").write_text(json.dumps(to_jsonable({"timings": time_interleaved(fns, job["rounds"]),
-                                                             "extra": extra})))
+    write_json(out, "worker", {"timings": time_interleaved(fns, job["rounds"]), "extra": extra})
 
 
 def separate_timings(spec: dict, shape, rounds: int, compile_sft: bool, alternations: int) -> tuple[dict, dict]:

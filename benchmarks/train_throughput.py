@@ -90,6 +90,7 @@ def time_step(name: str, compute_dtype: str | None, repeats: int, warmup: int = 
 
     from jaxdefense.models import init_params, lm_loss, named_config
     from jaxdefense.train.loop import make_step, sft_grad
+    from benchmarks._common import donated_step
 
     cfg = named_config(name)
     shape = SHAPES[name]
@@ -98,16 +99,8 @@ def time_step(name: str, compute_dtype: str | None, repeats: int, warmup: int = 
     optimizer = optax.adamw(1e-4)
     # step(params, opt_state, batches, frozen, base_key, step); SFT has no frozen tree
     step = jax.jit(make_step(sft_grad(cfg, "train"), optimizer, compute_dtype), donate_argnums=(0, 1))
-    state = {"params": init_params(cfg, jax.random.key(0))}
-    state["opt"] = optimizer.init(state["params"])
-    key = jax.random.key(0)
-    counter = [0]
-
-    def run_step():
-        out = step(state["params"], state["opt"], batches, None, key, counter[0])
-        counter[0] += 1
-        state["params"], state["opt"] = out[0], out[1]
-        jax.block_until_ready(out[2]["loss"])
+    params = init_params(cfg, jax.random.key(0))
+    run_step = donated_step(step, params, optimizer.init(params), batches, None, jax.random.key(0), 0)
 
     t = _median_time(run_step, warmup, repeats)
     tokens = shape["batch"] * shape["seq"]
@@ -117,7 +110,7 @@ def time_step(name: str, compute_dtype: str | None, repeats: int, warmup: int = 
            "step_cpu_ms": 1e3 * t["cpu"], "first_call_s": t["first"], "load_average_1m": os.getloadavg()[0]}
     if compute_dtype is None:
         vg = jax.jit(jax.value_and_grad(lambda p, b: lm_loss(cfg, p, b)))
-        params = state["params"]
+        params = init_params(cfg, jax.random.key(0))
         v = _median_time(lambda: jax.block_until_ready(vg(params, batches["train"])), warmup, repeats)
         row["value_and_grad_ms"] = 1e3 * v["median"]
         row["value_and_grad_cpu_ms"] = 1e3 * v["cpu"]
