@@ -55,14 +55,16 @@ def _main(capsys, *argv):
     (["--set", "method.name=nonesuch"], "method.name: unknown method"),
 ])
 @needs_data
-def test_bad_config_is_one_line_exit_2_and_leaves_no_run_dir(tmp_path, capsys, tiny_config, extra, names):
-    before = _staging_dirs()
+def test_bad_config_is_one_line_exit_2_and_leaves_no_run_dir(tmp_path, capsys, monkeypatch, tiny_config, extra, names):
+    # a temp dir of this test's own: other test workers stage runs in the shared one meanwhile
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     out = tmp_path / "run"
     rc, err = _main(capsys, "train", "--config", tiny_config, "--out", out, "--no-progress", *extra)
     assert rc == 2
     assert err.startswith("error: ") and "\n" not in err and names in err
     assert not out.exists()
-    assert _staging_dirs() == before
+    assert _staging_dirs() == []
 
 
 def test_missing_config_file_and_existing_run_dir(tmp_path, capsys):
